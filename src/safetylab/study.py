@@ -1,0 +1,210 @@
+"""What a study is, as the runner sees it.
+
+A study module (``safetylab/studies/<name>.py``) reads top to bottom: ``Config``,
+``CLAIM``, ``THREAT_MODEL``, helpers, then the four functions the runner calls,
+and ends with ``STUDY = Study(...)``:
+
+``prepare(config, ctx)``
+    Optional. Runs once in the main process before any unit: builds shared,
+    cached inputs (e.g. trains organisms) so that parallel units never race on them.
+``units(config) -> list[Unit]``
+    The independent pieces of work (seed × arm, model × depth, ...). Keys are
+    unique and stable: resume skips keys already in ``results.jsonl``.
+``run_unit(config, unit, ctx) -> dict``
+    Does one unit and returns JSON-only data (the raw trace, not just a score).
+    Must be deterministic given ``(config, unit.key)``: seed from ``ctx.seed_for(unit)``.
+    Runs in a worker process (local pool or Ray) when ``--workers > 1``.
+``analyze(config, records) -> Analysis``
+    Pure: from the raw records (``[{"key", "params", "result"}]`` in unit order) to
+    the verdict, tables and findings. ``safetylab report RUN_DIR`` calls only this
+    and ``plots``, so every number in a report is recomputable from raw results.
+``plots(config, records, analysis, out_dir) -> list[Figure]``
+    Optional. Writes PNGs into ``out_dir`` and returns their captions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from safetylab.claims import Claim, ThreatModel, VerdictRecord
+
+Scale = Literal["quick", "paper"]
+
+
+class StudyConfig(BaseModel):
+    """Base of every study's ``Config``: frozen, no unknown keys, field docs as help."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    seed: int = Field(0, ge=0)
+    """Master seed; every unit derives its own seed from it and the unit key."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of work. ``params`` must be JSON-serialisable."""
+
+    key: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a unit may know about where it runs. Picklable: it crosses processes."""
+
+    run_dir: Path
+    seed: int
+    cache_dir: Path
+    device: str = "cpu"
+    quiet: bool = True
+    in_process: bool = True
+    """False inside a pool/Ray worker, where progress bars are not shown."""
+
+    def seed_for(self, unit: Unit | str) -> int:
+        """A 31-bit seed from the master seed and the unit key (stable across runs)."""
+        key = unit.key if isinstance(unit, Unit) else unit
+        digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
+        return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+    def progress(self, description: str, total: int | None) -> "ProgressHandle":
+        """A rich progress bar inside a unit; silent when quiet or in a worker.
+
+        Usage::
+
+            with ctx.progress("training", total=n_updates) as advance:
+                for _ in range(n_updates):
+                    ...
+                    advance(1)
+        """
+        if self.quiet or not self.in_process:
+            return _NullProgress()
+        return _RichProgress(description, total)
+
+
+class ProgressHandle:
+    def __enter__(self) -> Callable[[float], None]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __exit__(self, *exc: object) -> None:  # pragma: no cover - interface
+        return None
+
+
+class _NullProgress(ProgressHandle):
+    def __enter__(self) -> Callable[[float], None]:
+        return lambda n=1: None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _RichProgress(ProgressHandle):
+    def __init__(self, description: str, total: int | None) -> None:
+        from safetylab.progress import make_progress
+
+        self._progress = make_progress(transient=True)
+        self._description = description
+        self._total = total
+
+    def __enter__(self) -> Callable[[float], None]:
+        self._progress.start()
+        task = self._progress.add_task(self._description, total=self._total)
+        return lambda n=1: self._progress.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+
+class Table(BaseModel):
+    """A table for the report; cells are JSON scalars (strings already formatted
+    where the study wants a particular rendering, e.g. '0.82 [0.71, 0.90]')."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    caption: str = ""
+
+
+class Figure(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    """File name of the PNG inside the run folder."""
+    caption: str
+
+
+class Analysis(BaseModel):
+    """Everything ``summary.json`` and the report say, computed from raw records."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    verdict: VerdictRecord
+    headline: str
+    """One sentence that states the result with its interval."""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    """Namespaced scalars and small structures (``refusal/harmful_rate``...)."""
+    tables: list[Table] = Field(default_factory=list)
+    findings: list[str] = Field(default_factory=list)
+    """Further observations, each backed by a number in ``metrics`` or a table."""
+    setup_notes: list[str] = Field(default_factory=list)
+    """Where the study chose a default the essay does not state, and what it chose."""
+
+
+@dataclass(frozen=True)
+class Study:
+    """The runner's view of a study module."""
+
+    name: str
+    config_cls: type[StudyConfig]
+    claim: Claim
+    threat_model: ThreatModel
+    units: Callable[[Any], list[Unit]]
+    run_unit: Callable[[Any, Unit, Context], dict[str, Any]]
+    analyze: Callable[[Any, list[dict[str, Any]]], Analysis]
+    plots: Callable[[Any, list[dict[str, Any]], Analysis, Path], list[Figure]] | None = None
+    prepare: Callable[[Any, Context], None] | None = None
+    scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Config overrides per scale. ``paper`` is usually ``{}``: defaults are the essay's."""
+    summary: str = ""
+    """One line for ``safetylab list``; defaults to the claim statement."""
+
+    def resolve_config(
+        self,
+        scale: Scale = "quick",
+        overrides: dict[str, Any] | None = None,
+    ) -> StudyConfig:
+        """Config defaults ← scale overrides ← user overrides, validated once."""
+        values: dict[str, Any] = dict(self.scales.get(scale, {}))
+        values.update(overrides or {})
+        return self.config_cls.model_validate(values)
+
+
+def default_cache_dir() -> Path:
+    """``$SAFETYLAB_CACHE`` or ``~/.cache/safetylab``."""
+    env = os.environ.get("SAFETYLAB_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "safetylab"
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op threads (workers use 1 to avoid oversubscription)."""
+    if n is None:
+        with nullcontext():
+            yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
