@@ -22,7 +22,7 @@ def pydantic_one_line(exc: Exception, where: str = "config") -> str:
     msg = first.get("msg", "invalid value")
     more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
     if kind == "extra_forbidden":
-        return f"{where}: unknown key '{loc}'{more}; run 'safetylab run STUDY --help-config' to list valid keys"
+        return f"{where}: unknown key '{loc}'{more}; 'safetylab describe STUDY' lists the valid keys"
     got = first.get("input")
     got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
     return f"{where}: {loc}: {msg}{got_s}{more}"

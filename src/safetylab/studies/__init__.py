@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
+import os
 
 from safetylab.errors import UserError
 from safetylab.study import Study
@@ -17,11 +20,31 @@ REGISTRY: dict[str, str] = {
 }
 
 
+def _registry() -> dict[str, str]:
+    """Built-in studies, then your own: any installed package can add studies under the
+    entry-point group ``safetylab.studies`` (name = "pkg.module"), and
+    ``SAFETYLAB_STUDIES="name=pkg.module,..."`` adds them for one shell (worker
+    processes inherit it, so pools and local Ray see the same registry)."""
+    reg = dict(REGISTRY)
+    for ep in importlib.metadata.entry_points(group="safetylab.studies"):
+        reg.setdefault(ep.name, ep.value)
+    for item in filter(None, (x.strip() for x in os.environ.get("SAFETYLAB_STUDIES", "").split(","))):
+        if "=" not in item:
+            raise UserError(f"SAFETYLAB_STUDIES entry '{item}' must be name=module.path")
+        name, mod = item.split("=", 1)
+        reg[name.strip()] = mod.strip()
+    return reg
+
+
 def available() -> list[str]:
     """Registered studies whose module is present in this install."""
     out = []
-    for name, mod in REGISTRY.items():
-        if importlib.util.find_spec(mod) is not None:
+    for name, mod in _registry().items():
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except ModuleNotFoundError:  # its parent package is not installed
+            found = False
+        if found:
             out.append(name)
     return out
 
@@ -30,5 +53,5 @@ def get_study(name: str) -> Study:
     names = available()
     if name not in names:
         raise UserError(f"unknown study '{name}'; choose one of: {', '.join(names)} (see 'safetylab list')")
-    module = importlib.import_module(REGISTRY[name])
+    module = importlib.import_module(_registry()[name])
     return module.STUDY

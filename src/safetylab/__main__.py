@@ -1,0 +1,3 @@
+from safetylab.cli import main
+
+main()

@@ -1,0 +1,322 @@
+"""The ``safetylab`` command line.
+
+Bad input ends as one line on stderr naming the problem and the fix, exit code 2,
+and nothing written; see :class:`safetylab.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import secrets
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from safetylab.errors import UserError
+
+app = typer.Typer(
+    name="safetylab",
+    help="Rerun empirical AI-safety claims as studies with controls, seeds and intervals.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+
+
+class ScaleOpt(str, Enum):
+    quick = "quick"
+    paper = "paper"
+
+
+class ExecutorOpt(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- list / describe
+
+
+@app.command("list")
+def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """The studies, each with its claim in one line."""
+    from safetylab.studies import available, get_study
+
+    rows = []
+    for name in available():
+        study = get_study(name)
+        rows.append({"study": name, "claim": study.summary or study.claim.statement,
+                     "metric": study.claim.metric, "access": study.threat_model.access})
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title="safetylab studies")
+    for col in ("study", "claim", "adversary access"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["study"], r["claim"], r["access"])
+    console.print(table)
+
+
+def _config_fields(study: Any, scale: str) -> list[dict[str, Any]]:
+    defaults = json.loads(study.resolve_config(scale).model_dump_json())
+    rows = []
+    for name, field in study.config_cls.model_fields.items():
+        ann = field.annotation
+        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        rows.append({"key": name, "type": type_name, "default": defaults.get(name), "doc": field.description or ""})
+    return rows
+
+
+@app.command("describe")
+def describe_cmd(
+    study: str = typer.Argument(..., help="Study name (see 'safetylab list')."),
+    scale: ScaleOpt = typer.Option(ScaleOpt.quick, help="Show the defaults at this scale."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """A study's claim, threat model and every config key with its default and meaning."""
+    from safetylab.studies import get_study
+
+    s = get_study(study)
+    fields = _config_fields(s, scale.value)
+    if as_json:
+        _print_json({"study": s.name, "claim": s.claim.model_dump(), "threat_model": s.threat_model.model_dump(),
+                     "scale": scale.value, "config": fields})
+        return
+    console.print(f"[bold]{s.name}[/bold]: {s.claim.statement}")
+    console.print(f"decisive metric: {s.claim.metric} ({s.claim.direction} than {s.claim.threshold:g})")
+    table = Table(title=f"config keys ({scale.value} scale) — set with --set key=value or --config FILE.yaml")
+    for col in ("key", "type", "default", "meaning"):
+        table.add_column(col, overflow="fold")
+    for f in fields:
+        table.add_row(f["key"], f["type"], json.dumps(f["default"]), f["doc"])
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _verdict_text(run_dir: Path) -> str:
+    from safetylab.report import describe_verdict
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return f"{summary['study']}: {describe_verdict(summary)}"
+
+
+@app.command("run")
+def run_cmd(
+    study: Optional[str] = typer.Argument(None, help="Study name (see 'safetylab list'); omit with --resume."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of config keys."),
+    set_: list[str] = typer.Option([], "--set", help="Override one config key: --set key=value (repeatable)."),
+    scale: ScaleOpt = typer.Option(ScaleOpt.quick, help="quick: minutes on 2 CPU cores; paper: the essay's sizes."),
+    seed: Optional[int] = typer.Option(None, help="Master seed (default: the config's seed)."),
+    executor: ExecutorOpt = typer.Option(ExecutorOpt.local, help="local process pool, or ray."),
+    workers: int = typer.Option(1, min=1, help="Parallel units (processes or Ray CPUs)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; without it a local Ray is started."),
+    out: Path = typer.Option(Path("runs"), help="Root folder for run folders."),
+    resume: Optional[Path] = typer.Option(None, help="Resume this run folder: finished units are skipped."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache for trained organisms (default ~/.cache/safetylab)."),
+    device: str = typer.Option("cpu", help="torch device for studies that use one (cpu, cuda)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON at the end."),
+) -> None:
+    """Run one study (or resume one) and write its report."""
+    from safetylab.runs import UnitsFailed, parse_set_options, run_study
+
+    if resume is None and study is None:
+        raise UserError("name a study to run (see 'safetylab list'), or pass --resume RUN_DIR")
+    if resume is not None:
+        if config is not None or set_ or seed is not None:
+            raise UserError("--resume reuses the run's own config; drop --config/--set/--seed or start a new run")
+        from safetylab.runs import load_run
+
+        existing, _, _ = load_run(resume)
+        if study is not None and study != existing.name:
+            raise UserError(f"{resume} is a run of '{existing.name}', not '{study}'; drop the study name or pick its run")
+    try:
+        run_dir = run_study(
+            study or "",
+            scale=scale.value,
+            overrides=parse_set_options(set_),
+            config_file=config,
+            seed=seed,
+            out=out,
+            resume=resume,
+            executor=executor.value,
+            workers=workers,
+            address=address,
+            quiet=quiet,
+            cache_dir=cache_dir,
+            device=device,
+            argv=["safetylab", *sys.argv[1:]],
+        )
+    except UnitsFailed as exc:
+        print(f"safetylab: {exc}", file=sys.stderr)
+        raise typer.Exit(1)
+    if as_json:
+        _print_json(json.loads((run_dir / "summary.json").read_text()))
+    else:
+        console.print(_verdict_text(run_dir))
+        console.print(f"report: {run_dir / 'report.html'}")
+
+
+# --------------------------------------------------------------------------- reproduce
+
+
+@app.command("reproduce")
+def reproduce_cmd(
+    scale: ScaleOpt = typer.Option(ScaleOpt.quick, help="quick: minutes on 2 CPU cores; paper: the essay's sizes."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated studies to run (default: all)."),
+    seed: Optional[int] = typer.Option(None, help="Master seed for every study."),
+    executor: ExecutorOpt = typer.Option(ExecutorOpt.local, help="local process pool, or ray."),
+    workers: int = typer.Option(1, min=1, help="Parallel units per study."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address."),
+    out: Path = typer.Option(Path("runs"), help="Root folder for run folders."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache for trained organisms."),
+    device: str = typer.Option("cpu", help="torch device for studies that use one."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    as_json: bool = typer.Option(False, "--json", help="Print the combined summary as JSON."),
+) -> None:
+    """Every study at one scale, then one combined HTML report."""
+    from safetylab.report import render_combined
+    from safetylab.runs import UnitsFailed, new_run_dir, run_study
+    from safetylab.studies import available
+
+    names = available()
+    if only:
+        chosen = [s.strip() for s in only.split(",") if s.strip()]
+        unknown = [s for s in chosen if s not in names]
+        if unknown:
+            raise UserError(f"--only: unknown study {', '.join(unknown)}; choose from {', '.join(names)}")
+        names = [n for n in names if n in chosen]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a directory (it is created if missing)")
+    run_dirs, failed = [], []
+    for name in names:
+        if not quiet:
+            console.rule(f"[bold]{name}")
+        try:
+            rd = run_study(name, scale=scale.value, seed=seed, out=out, executor=executor.value, workers=workers,
+                           address=address, quiet=quiet, cache_dir=cache_dir, device=device,
+                           argv=["safetylab", *sys.argv[1:]])
+        except UnitsFailed as exc:
+            print(f"safetylab: {name}: {exc}", file=sys.stderr)
+            rd = exc.run_dir
+            failed.append(name)
+        run_dirs.append(rd)
+        if not quiet:
+            console.print(_verdict_text(rd))
+    combined_dir = new_run_dir(out, "reproduce")
+    report = render_combined(run_dirs, combined_dir, scale.value)
+    if as_json:
+        _print_json(json.loads((combined_dir / "summary.json").read_text()))
+    else:
+        console.print(f"combined report: {report}")
+    if failed:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- report / threats
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder made by 'safetylab run'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Re-render summary.json, report.md and report.html from the raw results alone."""
+    from safetylab.report import render_run
+    from safetylab.runs import load_run
+
+    load_run(run_dir)  # validates the folder before anything is rewritten
+    summary = render_run(run_dir)
+    if as_json:
+        _print_json(summary)
+    else:
+        console.print(_verdict_text(run_dir))
+        console.print(f"report: {run_dir / 'report.html'}")
+
+
+@app.command("threats")
+def threats_cmd(
+    runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Root folder of run folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Which threat models the finished runs cover, and where the evidence is silent."""
+    from safetylab.threats import coverage
+
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise UserError(f"--runs {runs_dir} is a file; pass the folder that holds run folders")
+    cov = coverage(runs_dir)
+    if as_json:
+        _print_json(cov)
+        return
+    table = Table(title=f"threat-model coverage ({cov['n_runs']} finished runs in {runs_dir})")
+    table.add_column("study")
+    for a in cov["access_levels"]:
+        table.add_column(f"adversary: {a}")
+    for study, cells in cov["grid"].items():
+        row = []
+        for a in cov["access_levels"]:
+            c = cells[a]
+            row.append("[dim]silent[/dim]" if c is None else f"{c['verdict']} ({c['runs']} run{'s' if c['runs'] > 1 else ''})")
+        table.add_row(study, *row)
+    console.print(table)
+    if cov["silent_access_levels"]:
+        console.print(f"No evidence at all against adversaries with access: {', '.join(cov['silent_access_levels'])}.")
+    if cov["studies_without_runs"]:
+        console.print(f"Studies with no finished run: {', '.join(cov['studies_without_runs'])}.")
+
+
+def _mount_organism_cli() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("safetylab.organisms.cli") is None:
+        return
+    from safetylab.organisms.cli import app as organism_app
+
+    app.add_typer(organism_app, name="organism", help="Train, list, grade and chat with model organisms.")
+
+
+_mount_organism_cli()
+
+
+def main() -> None:
+    """Entry point: UserError → one line on stderr, exit 2."""
+    try:  # typer >= 0.20 vendors click as typer._click
+        from typer._click import exceptions as click_exc
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        from click import exceptions as click_exc
+
+    argv = sys.argv[1:]
+    try:
+        rc = app(args=argv or ["--help"], standalone_mode=False)
+    except click_exc.UsageError as exc:
+        # click's own usage errors (unknown option, bad choice) as one line, like ours.
+        cmd = exc.ctx.command_path if exc.ctx else "safetylab"
+        print(f"safetylab: error: {exc.format_message()}; see '{cmd} --help'", file=sys.stderr)
+        sys.exit(2)
+    except click_exc.ClickException as exc:
+        print(f"safetylab: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except UserError as exc:
+        print(f"safetylab: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("safetylab: interrupted; resume with 'safetylab run --resume RUN_DIR'", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Reports: from raw results to ``summary.json``, ``report.md`` and ``report.html``.
+
+``render_run(run_dir)`` needs nothing but the run folder: it re-reads the config,
+the environment and the raw results, asks the study to analyse and plot them, and
+writes the verdict first, then the threat model, then tables, findings, setup notes,
+figures and provenance. The HTML embeds its plots, so it opens offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from safetylab.claims import Verdict
+from safetylab.metrics.stats import format_interval
+from safetylab.runs import RESULTS_FILE, ResultsLog, finished_records, load_run, write_atomic
+from safetylab.study import Analysis, Figure, Study, StudyConfig
+
+SUMMARY_VERSION = 1
+
+_VERDICT_COLOURS = {
+    Verdict.HOLDS.value: "#1b7f3b",
+    Verdict.DOES_NOT_HOLD.value: "#b3261e",
+    Verdict.INCONCLUSIVE.value: "#8a6d00",
+}
+
+
+def render_run(
+    run_dir: Path,
+    *,
+    study: Study | None = None,
+    config: StudyConfig | None = None,
+    env: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Analyse the raw results of ``run_dir`` and (re)write its summary and reports."""
+    if study is None or config is None or env is None:
+        study, config, env = load_run(run_dir)
+    records_all = ResultsLog(run_dir / RESULTS_FILE).read(repair=False)
+    units = study.units(config)
+    records = finished_records(records_all, units)
+    ok_keys = {r["key"] for r in records}
+    failed = sorted({r["key"] for r in records_all if r["status"] != "ok"} - ok_keys)
+    missing = [u.key for u in units if u.key not in ok_keys and u.key not in failed]
+
+    analysis = study.analyze(config, records)
+    figures: list[Figure] = []
+    if study.plots is not None and records:
+        figures = study.plots(config, records, analysis, run_dir)
+
+    summary = {
+        "version": SUMMARY_VERSION,
+        "study": study.name,
+        "claim": study.claim.model_dump(mode="json"),
+        "threat_model": study.threat_model.model_dump(mode="json"),
+        "verdict": analysis.verdict.model_dump(mode="json"),
+        "headline": analysis.headline,
+        "metrics": analysis.metrics,
+        "tables": [t.model_dump(mode="json") for t in analysis.tables],
+        "findings": analysis.findings,
+        "setup_notes": analysis.setup_notes,
+        "figures": [f.model_dump(mode="json") for f in figures],
+        "units": {"total": len(units), "finished": len(records), "failed": failed, "missing": missing},
+    }
+    from safetylab.runs import _json_safe
+
+    summary = _json_safe(summary)
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    write_atomic(run_dir / "report.md", markdown_report(summary, env, run_dir))
+    write_atomic(run_dir / "report.html", html_page(f"safetylab: {study.name}", html_section(summary, env, run_dir)))
+    return summary
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _verdict_line(v: dict[str, Any]) -> str:
+    ci = format_interval(v["estimate"], v["ci_low"], v["ci_high"], digits=3)
+    cmp = ">" if v["direction"] == "greater" else "<"
+    pct = int(round(100 * v["confidence"]))
+    return (
+        f"**{v['verdict'].upper()}** — `{v['metric']}` = {ci} ({pct}% interval, {v['interval_method']}, "
+        f"n = {v['n']}); the claim needs {cmp} {v['threshold']:g}"
+    )
+
+
+def _md_table(table: dict[str, Any]) -> str:
+    def cell(x: Any) -> str:
+        if isinstance(x, float):
+            return "–" if not math.isfinite(x) else f"{x:.3g}"
+        return "–" if x is None else str(x).replace("|", "\\|")
+
+    lines = [f"### {table['title']}", ""]
+    lines.append("| " + " | ".join(table["columns"]) + " |")
+    lines.append("|" + "---|" * len(table["columns"]))
+    for row in table["rows"]:
+        lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+    if table.get("caption"):
+        lines += ["", f"_{table['caption']}_"]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_report(summary: dict[str, Any], env: dict[str, Any], run_dir: Path) -> str:
+    tm = summary["threat_model"]
+    claim = summary["claim"]
+    out = [
+        f"# {summary['study']}",
+        "",
+        f"> **Claim.** {claim['statement']}",
+        "",
+        f"**Verdict:** {_verdict_line(summary['verdict'])}",
+        "",
+        summary["headline"],
+        "",
+        "## Threat model",
+        "",
+        f"- **Deployer:** {tm['deployer']}",
+        f"- **Adversary:** {tm['adversary']} (access: {tm['access']}; budget: {tm['budget']})",
+        f"- **Protected:** {tm['protected']}",
+    ]
+    if tm.get("out_of_scope"):
+        out.append(f"- **Says nothing about:** {'; '.join(tm['out_of_scope'])}")
+    units = summary["units"]
+    if units["failed"] or units["missing"]:
+        out += ["", f"**Incomplete run:** {len(units['failed'])} failed and {len(units['missing'])} unfinished "
+                f"of {units['total']} units; resume it with `safetylab run --resume {run_dir}`."]
+    out += ["", "## Results", ""]
+    for t in summary["tables"]:
+        out.append(_md_table(t))
+    if summary["findings"]:
+        out += ["## Findings", ""] + [f"- {f}" for f in summary["findings"]] + [""]
+    if summary["setup_notes"]:
+        out += ["## Setup choices (where the essay is silent)", ""] + [f"- {n}" for n in summary["setup_notes"]] + [""]
+    if summary["figures"]:
+        out += ["## Figures", ""]
+        for f in summary["figures"]:
+            out += [f"![{f['caption']}]({f['path']})", "", f"_{f['caption']}_", ""]
+    out += ["## Provenance", "", _provenance_md(env), ""]
+    return "\n".join(out)
+
+
+def _provenance_md(env: dict[str, Any]) -> str:
+    git = env.get("git") or {}
+    pk = env.get("packages") or {}
+    versions = ", ".join(f"{k} {v}" for k, v in pk.items() if v)
+    dirty = " (dirty)" if git.get("dirty") else ""
+    return (
+        f"scale `{env.get('scale')}`, seed {env.get('seed')}, executor {env.get('executor')} × {env.get('workers')}, "
+        f"device {env.get('device')}; git {git.get('commit') or 'unknown'}{dirty}; python {env.get('python')}; {versions}. "
+        f"Command: `{' '.join(env.get('argv') or [])}`"
+    )
+
+
+# --------------------------------------------------------------------------- html
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#1d1d1f;line-height:1.45}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+.claim{font-size:1.05em;border-left:4px solid #999;padding:.3em .8em;background:#f7f7f7}
+.verdict{color:#fff;padding:.7em 1em;border-radius:6px;margin:1em 0;font-size:1.05em}
+.verdict b{font-size:1.2em;letter-spacing:.03em}
+.threat{border:2px solid #444;border-radius:6px;padding:.6em 1em;background:#fcfcfc}
+.threat dt{font-weight:600;float:left;width:9em;clear:left} .threat dd{margin-left:9.5em;margin-bottom:.25em}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.92em} th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+th{background:#f0f0f0} caption{caption-side:bottom;font-style:italic;color:#555;text-align:left;padding-top:.3em}
+figure{margin:1em 0} figure img{max-width:100%} figcaption{color:#444;font-style:italic}
+.prov{font-size:.8em;color:#555} .warn{background:#fff3cd;padding:.5em 1em;border-radius:4px}
+nav a{margin-right:1em}
+"""
+
+
+def html_page(title: str, body: str) -> str:
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>{body}"
+        f"<p class='prov'>Written by safetylab on {_dt.date.today().isoformat()}.</p></body></html>\n"
+    )
+
+
+def _cell_html(x: Any) -> str:
+    if isinstance(x, float):
+        return "–" if not math.isfinite(x) else f"{x:.3g}"
+    return "–" if x is None else html.escape(str(x))
+
+
+def html_section(summary: dict[str, Any], env: dict[str, Any], run_dir: Path, level: int = 1, anchor: str = "") -> str:
+    v = summary["verdict"]
+    tm = summary["threat_model"]
+    h, h2 = f"h{level}", f"h{level + 1}"
+    colour = _VERDICT_COLOURS.get(v["verdict"], "#555")
+    ci = format_interval(v["estimate"], v["ci_low"], v["ci_high"], digits=3)
+    cmp = "&gt;" if v["direction"] == "greater" else "&lt;"
+    pct = int(round(100 * v["confidence"]))
+    parts = [
+        f"<{h} id='{html.escape(anchor or summary['study'])}'>{html.escape(summary['study'])}</{h}>",
+        f"<p class='claim'><b>Claim.</b> {html.escape(summary['claim']['statement'])}</p>",
+        f"<div class='verdict' style='background:{colour}'><b>{html.escape(v['verdict'].upper())}</b> — "
+        f"<code>{html.escape(v['metric'])}</code> = {ci} ({pct}% interval, {html.escape(v['interval_method'])}, "
+        f"n = {v['n']}); the claim needs {cmp} {v['threshold']:g}</div>",
+        f"<p>{html.escape(summary['headline'])}</p>",
+        f"<div class='threat'><{h2} style='margin-top:.2em;border:none'>Threat model</{h2}><dl>"
+        f"<dt>Deployer</dt><dd>{html.escape(tm['deployer'])}</dd>"
+        f"<dt>Adversary</dt><dd>{html.escape(tm['adversary'])}</dd>"
+        f"<dt>Access</dt><dd>{html.escape(tm['access'])}</dd>"
+        f"<dt>Budget</dt><dd>{html.escape(tm['budget'])}</dd>"
+        f"<dt>Protected</dt><dd>{html.escape(tm['protected'])}</dd>"
+        + (f"<dt>Says nothing about</dt><dd>{html.escape('; '.join(tm['out_of_scope']))}</dd>" if tm.get("out_of_scope") else "")
+        + "</dl></div>",
+    ]
+    units = summary["units"]
+    if units["failed"] or units["missing"]:
+        parts.append(
+            f"<p class='warn'>Incomplete run: {len(units['failed'])} failed and {len(units['missing'])} unfinished of "
+            f"{units['total']} units; resume with <code>safetylab run --resume {html.escape(str(run_dir))}</code>.</p>"
+        )
+    parts.append(f"<{h2}>Results</{h2}>")
+    for t in summary["tables"]:
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in t["columns"])
+        rows = "".join("<tr>" + "".join(f"<td>{_cell_html(c)}</td>" for c in r) + "</tr>" for r in t["rows"])
+        cap = f"<caption>{html.escape(t['caption'])}</caption>" if t.get("caption") else ""
+        parts.append(f"<p><b>{html.escape(t['title'])}</b></p><table>{cap}<tr>{head}</tr>{rows}</table>")
+    if summary["findings"]:
+        parts.append(f"<{h2}>Findings</{h2}><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in summary["findings"]) + "</ul>")
+    if summary["setup_notes"]:
+        parts.append(
+            f"<{h2}>Setup choices (where the essay is silent)</{h2}><ul>"
+            + "".join(f"<li>{html.escape(n)}</li>" for n in summary["setup_notes"]) + "</ul>"
+        )
+    for f in summary["figures"]:
+        png = run_dir / f["path"]
+        if png.is_file():
+            data = base64.b64encode(png.read_bytes()).decode()
+            parts.append(
+                f"<figure><img alt='{html.escape(f['caption'])}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{html.escape(f['caption'])}</figcaption></figure>"
+            )
+    parts.append(f"<p class='prov'>{html.escape(_provenance_md(env))}</p>")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- combined
+
+
+def render_combined(run_dirs: list[Path], out_dir: Path, scale: str) -> Path:
+    """One HTML report over several finished runs (what ``reproduce`` ends with)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, sections, index = [], [], []
+    for rd in run_dirs:
+        summary = json.loads((rd / "summary.json").read_text())
+        env = json.loads((rd / "env.json").read_text())
+        v = summary["verdict"]
+        ci = format_interval(v["estimate"], v["ci_low"], v["ci_high"], digits=3)
+        colour = _VERDICT_COLOURS.get(v["verdict"], "#555")
+        name = summary["study"]
+        rows.append(
+            f"<tr><td><a href='#{html.escape(name)}'>{html.escape(name)}</a></td>"
+            f"<td>{html.escape(summary['claim']['statement'])}</td>"
+            f"<td style='color:{colour};font-weight:600'>{html.escape(v['verdict'])}</td>"
+            f"<td><code>{html.escape(v['metric'])}</code> {ci}</td>"
+            f"<td>{html.escape(summary['threat_model']['access'])}</td><td><code>{html.escape(str(rd))}</code></td></tr>"
+        )
+        sections.append(html_section(summary, env, rd, level=2))
+        index.append({"study": name, "run_dir": str(rd), "verdict": v})
+    body = (
+        f"<h1>safetylab reproduce ({html.escape(scale)} scale)</h1>"
+        "<p>Each study reruns one essay's claim on model organisms trained here; the verdict is read off a "
+        "95% interval over seeds or prompts. Sections below are the per-study reports.</p>"
+        "<table><tr><th>study</th><th>claim</th><th>verdict</th><th>decisive metric [95% CI]</th>"
+        "<th>adversary access</th><th>run folder</th></tr>" + "".join(rows) + "</table>"
+        + "".join(f"<hr>{s}" for s in sections)
+    )
+    write_atomic(out_dir / "report.html", html_page(f"safetylab reproduce ({scale})", body))
+    write_atomic(out_dir / "summary.json", json.dumps({"version": SUMMARY_VERSION, "scale": scale, "runs": index}, indent=2) + "\n")
+    return out_dir / "report.html"
+
+
+def describe_verdict(summary: dict[str, Any]) -> str:
+    v = summary["verdict"]
+    return f"{v['verdict']}: {v['metric']} = {format_interval(v['estimate'], v['ci_low'], v['ci_high'], 3)}"
+
+
+__all__ = ["render_run", "render_combined", "markdown_report", "html_section", "Analysis"]
