@@ -31,8 +31,8 @@ def _run_in_worker(study_name: str, config_json: str, unit: Unit, ctx: Context, 
     from safetylab.runs import execute_unit
     from safetylab.studies import get_study
 
-    torch.set_num_threads(threads)
     study = get_study(study_name)
+    torch.set_num_threads(study.unit_threads or threads)
     config = study.config_cls.model_validate_json(config_json)
     return execute_unit(study, config, unit, ctx, index)
 
@@ -43,9 +43,12 @@ class SerialExecutor:
 
     def map_units(self, study: Study, config: StudyConfig, todo: list[tuple[int, Unit]], ctx: Context) -> Iterator[tuple[int, Record]]:
         from safetylab.runs import execute_unit
+        from safetylab.study import torch_threads
 
         for index, unit in todo:
-            yield index, execute_unit(study, config, unit, ctx, index)
+            with torch_threads(study.unit_threads):
+                record = execute_unit(study, config, unit, ctx, index)
+            yield index, record
 
     def close(self) -> None:
         pass

@@ -111,13 +111,36 @@ def resolve_config(
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(load_config_file(config_file))
-    values.update(overrides or {})
+    values.update(_listify(study, overrides or {}))
     if seed is not None:
         values["seed"] = seed
     try:
         return study.resolve_config(scale, values)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise UserError(pydantic_one_line(exc, where=f"{study.name} config")) from None
+
+
+def _listify(study: Study, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``--set arms=shield`` or ``--set arms=none,shield`` for a list/tuple field means
+    a list, as a user would expect; other values pass through to validation."""
+    import typing
+
+    out = dict(overrides)
+    for key, value in overrides.items():
+        field = study.config_cls.model_fields.get(key)
+        if field is None or not isinstance(value, str):
+            continue
+        origin = typing.get_origin(field.annotation)
+        if origin in (tuple, list) and not (origin is tuple and _is_fixed_tuple(field.annotation)):
+            out[key] = [v.strip() for v in value.split(",") if v.strip()]
+    return out
+
+
+def _is_fixed_tuple(annotation: Any) -> bool:
+    import typing
+
+    args = typing.get_args(annotation)
+    return bool(args) and args[-1] is not Ellipsis
 
 
 def config_to_dict(config: StudyConfig) -> dict[str, Any]:

@@ -175,6 +175,10 @@ class Study:
     """Config overrides per scale. ``paper`` is usually ``{}``: defaults are the essay's."""
     summary: str = ""
     """One line for ``safetylab list``; defaults to the claim statement."""
+    unit_threads: int | None = None
+    """torch threads for every unit, whatever the executor. Small models run fastest
+    (and give the same bits under every executor) on one thread; ``None`` = the
+    runner's choice (all cores in process, cores/workers in a pool)."""
 
     def resolve_config(
         self,

@@ -1,0 +1,57 @@
+"""Backpropagation: exact gradients of the cross-entropy by autograd, Adam updates.
+
+Rumelhart, Hinton & Williams (1986); Adam: Kingma & Ba (2015). The reference rule
+every other rule is compared with.
+
+Accuracy bar: with the default :class:`Hyperparams`, the shared MLP 64→64→32→10
+trained on scikit-learn digits (seed 0, 25% test split) reaches **≥ 0.93** test
+accuracy (tested in ``tests/test_learning_rules.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from safetylab.data import VisionData
+from safetylab.learning.mlp import MLP, batches, to_tensors
+
+ACCURACY_BAR_DIGITS = 0.93
+
+
+class Hyperparams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    epochs: int = Field(20, ge=1)
+    """Passes over the training set."""
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    """Adam learning rate."""
+
+
+def train(model: MLP, data: VisionData, *, seed: int, hp: Hyperparams | None = None) -> dict:
+    """Train ``model`` in place; ``seed`` fixes the data order. Returns ``{"loss": [per epoch]}``."""
+    hp = hp or Hyperparams()
+    rng = np.random.default_rng(seed)
+    x, y = to_tensors(data.x_train, data.y_train)
+    opt = torch.optim.Adam(model.parameters(), lr=hp.lr)
+    losses = []
+    for _ in range(hp.epochs):
+        total = 0.0
+        for idx in batches(len(y), hp.batch_size, rng):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(y))
+    return {"loss": losses}
+
+
+def predict(model: MLP, x: np.ndarray) -> np.ndarray:
+    return model.predict(x)
+
+
+def hidden(model: MLP, x: np.ndarray) -> list[np.ndarray]:
+    return model.hidden(x)

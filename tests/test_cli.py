@@ -1,0 +1,102 @@
+"""Bad input at the command line: one line naming problem and fix, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from safetylab.cli import main
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    old = sys.argv
+    sys.argv = ["safetylab", *args]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main()
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("seeds: [1, 2\n")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "a_file").write_text("not a folder")
+    broken = tmp_path / "broken_run"
+    broken.mkdir()
+    (broken / "env.json").write_text("{not json")
+    (broken / "config.yaml").write_text("seeds: 2\n")
+    return tmp_path
+
+
+BAD = [
+    (["run", "no-such-study"], "unknown study 'no-such-study'"),
+    (["run", "shield", "--set", "not_a_key=1"], "unknown key 'not_a_key'"),
+    (["run", "shield", "--set", "seeds=many"], "seeds"),
+    (["run", "shield", "--set", "seeds=0"], "greater than or equal to 1"),
+    (["run", "shield", "--set", "total_steps=0"], "total_steps"),
+    (["run", "shield", "--config", "bad.yaml"], "not valid YAML"),
+    (["run", "shield", "--config", "list.yaml"], "must hold a mapping"),
+    (["run", "shield", "--config", "missing.yaml"], "does not exist"),
+    (["run", "shield", "--out", "a_file"], "is a file"),
+    (["run", "shield", "--out", "a_file/sub"], "is a file"),
+    (["run", "--resume", "no_such_run"], "does not exist"),
+    (["run", "--resume", "broken_run"], "corrupt"),
+    (["run", "--resume", "a_file"], "not a folder"),
+    (["run"], "name a study"),
+    (["report", "no_such_run"], "does not exist"),
+    (["report", "broken_run"], "corrupt"),
+    (["run", "shield", "--scale", "huge"], "huge"),
+    (["run", "shield", "--workers", "0"], "workers"),
+    (["reproduce", "--only", "shield,nope"], "unknown study nope"),
+    (["threats", "--runs", "a_file"], "is a file"),
+    (["describe", "nope"], "unknown study"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_exit_2_nothing_written(workspace, capsys, args, message):
+    before = snapshot(workspace)
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert message in lines[0]
+    assert "Traceback" not in err
+    assert snapshot(workspace) == before
+    assert not (workspace / "runs").exists()
+
+
+def test_list_and_describe_json(capsys):
+    code, out, _ = run_cli(["list", "--json"], capsys)
+    assert code == 0
+    rows = json.loads(out)
+    names = [r["study"] for r in rows]
+    assert "shield" in names
+    assert all(r["claim"] and r["metric"] for r in rows)
+    code, out, _ = run_cli(["describe", "shield", "--json"], capsys)
+    data = json.loads(out)
+    keys = {f["key"]: f for f in data["config"]}
+    assert keys["seeds"]["default"] < 40  # quick scale
+    assert all(f["doc"] for f in data["config"]), "every config key is documented"
+    code, out, _ = run_cli(["describe", "shield", "--scale", "paper", "--json"], capsys)
+    keys = {f["key"]: f for f in json.loads(out)["config"]}
+    assert keys["seeds"]["default"] == 40 and keys["total_steps"]["default"] == 100_000  # the essay's
+
+
+def test_threats_json_on_empty_folder(tmp_path, capsys):
+    code, out, _ = run_cli(["threats", "--runs", str(tmp_path), "--json"], capsys)
+    assert code == 0
+    cov = json.loads(out)
+    assert cov["n_runs"] == 0 and set(cov["silent_access_levels"]) == set(cov["access_levels"])
