@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -277,6 +276,13 @@ def environment(device: str) -> dict[str, Any]:
 
 def new_run_dir(out: Path, study: str) -> Path:
     """Make ``out/<study>/<timestamp>-<shortid>/``; ``out`` must not be a file."""
+    run_dir = plan_run_dir(out, study)
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def plan_run_dir(out: Path, study: str) -> Path:
+    """The path of a new run folder, checked but not yet created."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory (it is created if missing)")
     for parent in [out, *out.parents]:
@@ -285,9 +291,7 @@ def new_run_dir(out: Path, study: str) -> Path:
                 raise UserError(f"--out {out}: {parent} is a file; pass a directory path")
             break
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = out / study / f"{stamp}-{secrets.token_hex(3)}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    return run_dir
+    return out / study / f"{stamp}-{secrets.token_hex(3)}"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -374,25 +378,9 @@ def run_study(
     else:
         study = get_study(name)
         config = resolve_config(study, scale=scale, config_file=config_file, overrides=overrides, seed=seed)
-        units_preview = study.units(config)
-        _check_units(study, units_preview)
-        run_dir = new_run_dir(out, study.name)
-        write_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        env = {
-            "study": study.name,
-            "scale": scale,
-            "seed": config.seed,
-            "argv": argv if argv is not None else sys.argv,
-            "overrides": overrides or {},
-            "config_file": str(config_file) if config_file else None,
-            "executor": executor,
-            "workers": workers,
-            "started": _dt.datetime.now().isoformat(timespec="seconds"),
-            **environment(device),
-        }
-        write_atomic(run_dir / ENV_FILE, json.dumps(env, indent=2) + "\n")
+        _check_units(study, study.units(config))
+        run_dir = plan_run_dir(out, study.name)
         log = ResultsLog(run_dir / RESULTS_FILE)
-        log.path.touch()
 
     units = study.units(config)
     _check_units(study, units)
@@ -404,13 +392,29 @@ def run_study(
         quiet=quiet, in_process=(workers == 1 and executor == "local"),
     )
     if study.prepare is not None and todo:
-        try:
-            study.prepare(config, ctx)
-        except UserError:
-            # Bad input found late (e.g. a model path): leave no half-made run behind.
-            if resume is None and log.path.stat().st_size == 0:
-                shutil.rmtree(run_dir)
-            raise
+        # Before a new run folder exists: bad input found here (a model path, a data
+        # file) leaves nothing behind, and a long preparation (training organisms into
+        # the cache) interrupted here loses nothing either.
+        study.prepare(config, ctx)
+
+    if resume is None:
+        run_dir.mkdir(parents=True, exist_ok=False)
+        write_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        env = {
+            "study": study.name,
+            "scale": scale,
+            "seed": config.seed,
+            "unit_seeds": "sha256(f'{seed}:{unit_key}'), first 4 bytes little-endian, & 0x7fffffff",
+            "argv": argv if argv is not None else sys.argv,
+            "overrides": overrides or {},
+            "config_file": str(config_file) if config_file else None,
+            "executor": executor,
+            "workers": workers,
+            "started": _dt.datetime.now().isoformat(timespec="seconds"),
+            **environment(device),
+        }
+        write_atomic(run_dir / ENV_FILE, json.dumps(env, indent=2) + "\n")
+        log.path.touch()
 
     failed = 0
     if todo:
