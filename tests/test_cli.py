@@ -100,3 +100,18 @@ def test_threats_json_on_empty_folder(tmp_path, capsys):
     assert code == 0
     cov = json.loads(out)
     assert cov["n_runs"] == 0 and set(cov["silent_access_levels"]) == set(cov["access_levels"])
+
+
+def test_config_keys_work_as_options():
+    from safetylab.runs import parse_extra_options, resolve_config
+    from safetylab.studies import get_study
+
+    opts = parse_extra_options(["--total-steps", "2048", "--arms=shield,none", "--observe-hazards", "--seeds", "3"])
+    cfg = resolve_config(get_study("shield"), overrides=opts)
+    assert cfg.total_steps == 2048 and cfg.arms == ("shield", "none") and cfg.observe_hazards is True and cfg.seeds == 3
+
+
+def test_a_typo_in_an_option_is_an_unknown_key(workspace, capsys):
+    code, _, err = run_cli(["run", "shield", "--wokers", "2"], capsys)
+    assert code == 2 and "unknown key 'wokers'" in err
+    assert not (workspace / "runs").exists()

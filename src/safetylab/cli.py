@@ -113,8 +113,9 @@ def _verdict_text(run_dir: Path) -> str:
     return f"{summary['study']}: {describe_verdict(summary)}"
 
 
-@app.command("run")
+@app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run_cmd(
+    ctx: typer.Context,
     study: Optional[str] = typer.Argument(None, help="Study name (see 'safetylab list'); omit with --resume."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of config keys."),
     set_: list[str] = typer.Option([], "--set", help="Override one config key: --set key=value (repeatable)."),
@@ -130,13 +131,17 @@ def run_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON at the end."),
 ) -> None:
-    """Run one study (or resume one) and write its report."""
-    from safetylab.runs import UnitsFailed, parse_set_options, run_study
+    """Run one study (or resume one) and write its report.
+
+    Any config key also works as an option: --prompt-column text, --exit-mode confidence,
+    --model PATH (one entry of a 'models' list); see 'safetylab describe STUDY'.
+    """
+    from safetylab.runs import UnitsFailed, parse_extra_options, parse_set_options, run_study
 
     if resume is None and study is None:
         raise UserError("name a study to run (see 'safetylab list'), or pass --resume RUN_DIR")
     if resume is not None:
-        if config is not None or set_ or seed is not None:
+        if config is not None or set_ or seed is not None or ctx.args:
             raise UserError("--resume reuses the run's own config; drop --config/--set/--seed or start a new run")
         from safetylab.runs import load_run
 
@@ -147,7 +152,7 @@ def run_cmd(
         run_dir = run_study(
             study or "",
             scale=scale.value,
-            overrides=parse_set_options(set_),
+            overrides={**parse_extra_options(ctx.args), **parse_set_options(set_)},
             config_file=config,
             seed=seed,
             out=out,

@@ -77,6 +77,30 @@ def parse_set_options(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def parse_extra_options(args: Iterable[str]) -> dict[str, Any]:
+    """Config keys given as options: ``--prompt-column text``, ``--exit-mode=confidence``,
+    ``--flag`` (true). Dashes become underscores; values parse as with ``--set``."""
+    args = list(args)
+    pairs: list[str] = []
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("--") or tok == "--":
+            raise UserError(f"unexpected argument '{tok}'; config keys go as --key value or --set key=value")
+        name = tok[2:]
+        if "=" in name:
+            key, value = name.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, value = name, args[i + 1]
+            i += 2
+        else:
+            key, value = name, "true"
+            i += 1
+        pairs.append(f"{key.replace('-', '_')}={value}")
+    return parse_set_options(pairs)
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a YAML mapping of config keys (``yaml.safe_load``)."""
     if not path.exists():
@@ -124,9 +148,15 @@ def _listify(study: Study, overrides: dict[str, Any]) -> dict[str, Any]:
     a list, as a user would expect; other values pass through to validation."""
     import typing
 
+    fields = study.config_cls.model_fields
     out = dict(overrides)
     for key, value in overrides.items():
-        field = study.config_cls.model_fields.get(key)
+        # --model X for a study that takes a list of models: one entry, as a user means it.
+        if key not in fields and f"{key}s" in fields and f"{key}s" not in overrides:
+            out.pop(key)
+            out[f"{key}s"] = value if isinstance(value, list) else [value]
+            continue
+        field = fields.get(key)
         if field is None or not isinstance(value, str):
             continue
         origin = typing.get_origin(field.annotation)
@@ -392,13 +422,13 @@ def run_study(
         quiet=quiet, in_process=(workers == 1 and executor == "local"),
     )
     if study.prepare is not None and todo:
-        # Before a new run folder exists: bad input found here (a model path, a data
+        # Before config.yaml/env.json exist: bad input found here (a model path, a data
         # file) leaves nothing behind, and a long preparation (training organisms into
         # the cache) interrupted here loses nothing either.
         study.prepare(config, ctx)
 
     if resume is None:
-        run_dir.mkdir(parents=True, exist_ok=False)
+        run_dir.mkdir(parents=True, exist_ok=True)  # prepare() may have saved artifacts into it
         write_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(config_to_dict(config), sort_keys=False))
         env = {
             "study": study.name,
