@@ -1,0 +1,253 @@
+"""The organism cache: one folder per organism, named by the hash of its config.
+
+An entry ``<cache_dir>/<hash>/`` holds the Hugging Face model and tokenizer files,
+``organism.json`` (variant, full config, world config, hash, base hash, training summary,
+weights checksum) and ``train_log.jsonl``. Entries are written atomically: training
+writes into a temporary sibling folder that is renamed into place only when complete,
+under a per-entry file lock so that concurrent processes train an organism once.
+An entry that is incomplete, unreadable, or whose recorded hash or weights checksum
+does not match is treated as absent and rebuilt -- never loaded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from safetylab.errors import UserError
+from safetylab.organisms.train import (
+    ORGANISM_VERSION,
+    SCALES,
+    VARIANTS,
+    OrganismConfig,
+    organism_config,
+    save_organism,
+    train_organism,
+)
+
+REQUIRED_FILES: tuple[str, ...] = (
+    "organism.json", "config.json", "model.safetensors", "tokenizer.json",
+    "tokenizer_config.json", "train_log.jsonl",
+)
+
+
+def default_organism_dir() -> Path:
+    """``safetylab.study.default_cache_dir() / "organisms"``."""
+    from safetylab.study import default_cache_dir
+
+    return default_cache_dir() / "organisms"
+
+
+def config_hash(config: OrganismConfig) -> str:
+    """16 hex digits of sha256 over the canonical JSON of the stage's config."""
+    payload = {"version": ORGANISM_VERSION, **config.stage_dict()}
+    if config.variant != "base":
+        payload["base"] = config_hash(config.base_config())
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_entry(folder: Path, expected_hash: str | None = None) -> str | None:
+    """Why ``folder`` is not a valid organism, or None if it is.
+
+    Checks the required files, that ``organism.json`` parses and its config re-hashes to
+    the recorded hash (and to ``expected_hash`` if given), and the weights checksum.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} does not exist or is not a folder"
+    missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+    if missing:
+        return f"{folder} is not a complete organism: missing {', '.join(missing)}"
+    try:
+        meta = json.loads((folder / "organism.json").read_text())
+        cfg = OrganismConfig.model_validate(meta["config"])
+    except Exception as exc:  # noqa: BLE001 - any parse error means corrupt
+        return f"{folder}/organism.json is unreadable ({type(exc).__name__}: {exc})"
+    h = config_hash(cfg)
+    if meta.get("hash") != h:
+        return (f"{folder}: recorded hash {meta.get('hash')!r} does not match its config ({h}): "
+                f"edited, or written by another safetylab version")
+    if expected_hash is not None and h != expected_hash:
+        return f"{folder}: hash {h} is not the expected {expected_hash}"
+    if meta.get("weights_sha256") != file_sha256(folder / "model.safetensors"):
+        return f"{folder}: model.safetensors does not match the recorded checksum"
+    return None
+
+
+def load_meta(folder: Path) -> dict[str, Any]:
+    """``organism.json`` of a valid organism folder; UserError otherwise."""
+    problem = check_entry(Path(folder))
+    if problem:
+        raise UserError(f"{problem}; pass a folder made by 'safetylab organism train'")
+    return json.loads((Path(folder) / "organism.json").read_text())
+
+
+@contextmanager
+def _entry_lock(cache_dir: Path, h: str) -> Iterator[None]:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".{h}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build(
+    config: OrganismConfig,
+    cache_dir: Path,
+    *,
+    quiet: bool = True,
+    num_threads: int | None = None,
+    device: str = "cpu",
+) -> Path:
+    """The cache folder of ``config``, training it (and its base) if absent or corrupt."""
+    h = config_hash(config)
+    target = cache_dir / h
+    if check_entry(target, h) is None:
+        return target
+    base_path = None
+    if config.variant != "base":
+        base_path = build(config.base_config(), cache_dir, quiet=quiet, num_threads=num_threads,
+                          device=device)
+    with _entry_lock(cache_dir, h):
+        if check_entry(target, h) is None:  # another process finished it meanwhile
+            return target
+        from safetylab.study import torch_threads
+
+        steps = (config.base_train if config.variant == "base" else config.variant_train).steps
+        with torch_threads(num_threads), _progress(quiet, f"training {config.variant}", steps) as adv:
+            result = train_organism(config, base_path=base_path, progress=adv, device=device)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{h}-", dir=cache_dir))
+        try:
+            meta = {
+                "version": ORGANISM_VERSION,
+                "variant": config.variant,
+                "scale": config.scale,
+                "hash": h,
+                "base_hash": config_hash(config.base_config()) if config.variant != "base" else None,
+                "config": config.model_dump(mode="json"),
+                "world": config.world.model_dump(mode="json"),
+                "world_seed": config.world.seed,
+                "training": {
+                    "seconds": round(result.seconds, 2),
+                    "tokens": result.tokens,
+                    "tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 1),
+                    "final_loss": result.log[-1]["loss"] if result.log else None,
+                    "steps": steps,
+                    "num_threads": num_threads,
+                    "device": device,
+                },
+                "n_params": int(sum(p.numel() for p in result.model.parameters())),
+            }
+            save_organism(result, tmp, {**meta, "weights_sha256": None})
+            meta["weights_sha256"] = file_sha256(tmp / "model.safetensors")
+            (tmp / "organism.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if target.exists():  # corrupt or partial entry: replace, never load
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@contextmanager
+def _progress(quiet: bool, desc: str, total: int) -> Iterator[Any]:
+    if quiet:
+        yield None
+        return
+    from safetylab.progress import make_progress
+
+    prog = make_progress(transient=True)
+    prog.start()
+    task = prog.add_task(desc, total=total)
+    try:
+        yield lambda n=1: prog.advance(task, n)
+    finally:
+        prog.stop()
+
+
+def get_organism(
+    variant: str,
+    scale: str = "quick",
+    *,
+    cache_dir: Path | None = None,
+    seed: int = 0,
+    quiet: bool = True,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    num_threads: int | None = None,
+    device: str = "cpu",
+) -> Path:
+    """The folder of a trained organism, training it (and the base first) if needed.
+
+    Args:
+        variant: one of ``base``, ``sft``, ``sft-late``, ``dpo``, ``depth-robust``,
+            ``eval-gated``.
+        scale: ``tiny`` (seconds, for tests), ``quick`` (minutes on 2 CPU cores) or
+            ``paper``.
+        cache_dir: where organisms live; default ``$SAFETYLAB_CACHE/organisms`` or
+            ``~/.cache/safetylab/organisms``.
+        seed: training seed.
+        quiet: no progress bar.
+        overrides: per-section config overrides (``{"model": {"n_layers": 4}}``).
+        num_threads: torch intra-op threads while training (None: leave as is).
+        device: torch device to train on (``cuda`` for paper scale on a GPU); the
+            cache key does not depend on it.
+
+    Returns:
+        A folder that loads with ``AutoModelForCausalLM.from_pretrained`` and
+        ``AutoTokenizer.from_pretrained``; ``World.from_organism`` regenerates its world.
+
+    Raises:
+        UserError: unknown variant or scale, or impossible sizes.
+    """
+    if variant not in VARIANTS:
+        raise UserError(f"unknown organism variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    if scale not in SCALES:
+        raise UserError(f"unknown organism scale {scale!r}; choose from {', '.join(SCALES)}")
+    try:
+        config = organism_config(variant, scale, seed=seed, overrides=overrides)
+    except ValueError as exc:
+        from safetylab.errors import pydantic_one_line
+
+        raise UserError(pydantic_one_line(exc, where="organism config")) from None
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_organism_dir()
+    return build(config, cache_dir, quiet=quiet, num_threads=num_threads, device=device)
+
+
+def list_organisms(cache_dir: Path | None = None) -> list[dict[str, Any]]:
+    """One record per entry in the cache: path, variant, scale, status, training summary."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_organism_dir()
+    out: list[dict[str, Any]] = []
+    if not cache_dir.is_dir():
+        return out
+    for folder in sorted(p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        problem = check_entry(folder, folder.name)
+        rec: dict[str, Any] = {"path": str(folder), "hash": folder.name,
+                               "status": "ok" if problem is None else "corrupt"}
+        if problem is None:
+            meta = json.loads((folder / "organism.json").read_text())
+            rec.update(variant=meta["variant"], scale=meta["scale"], seed=meta["config"]["seed"],
+                       world_seed=meta["world_seed"], n_params=meta.get("n_params"),
+                       train_seconds=meta["training"]["seconds"])
+        else:
+            rec["problem"] = problem
+        out.append(rec)
+    return out
