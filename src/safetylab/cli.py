@@ -6,9 +6,8 @@ and nothing written; see :class:`safetylab.errors.UserError`.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import secrets
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -303,6 +302,9 @@ def main() -> None:
     except ImportError:  # pragma: no cover - older typer uses click itself
         from click import exceptions as click_exc
 
+    # safetylab draws its own rich progress bars; transformers' per-file tqdm bars
+    # (loading/writing shards) would interleave with them. Set it to 0 to get them back.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     argv = sys.argv[1:]
     try:
         rc = app(args=argv or ["--help"], standalone_mode=False)

@@ -15,6 +15,7 @@ itself: ``none`` (no shield, no penalty), ``penalty`` (hazard penalty, no shield
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -503,9 +504,12 @@ def plots(config: Config, records: list[dict[str, Any]], analysis: Analysis, out
         succ = np.asarray([[np.nan if c["success_rate"] is None else c["success_rate"] for c in cs] for cs in curves])
         haz = np.asarray([[c["hazard_steps"] for c in cs] for cs in curves], dtype=float)
         for ax, y in ((ax1, succ), (ax2, haz)):
-            m = np.nanmean(y, axis=0)
-            n_eff = np.sum(~np.isnan(y), axis=0)
-            se = np.nanstd(y, axis=0, ddof=1) / np.sqrt(np.maximum(n_eff, 1)) if y.shape[0] > 1 else np.zeros_like(m)
+            with warnings.catch_warnings():
+                # Early rollouts may finish no episode in any seed: a gap in the curve, not an error.
+                warnings.simplefilter("ignore", RuntimeWarning)
+                m = np.nanmean(y, axis=0)
+                n_eff = np.sum(~np.isnan(y), axis=0)
+                se = np.nanstd(y, axis=0, ddof=1) / np.sqrt(np.maximum(n_eff, 1)) if y.shape[0] > 1 else np.zeros_like(m)
             ax.plot(steps, m, label=arm)
             ax.fill_between(steps, m - 1.96 * se, m + 1.96 * se, alpha=0.2)
     ax1.set_xlabel("training steps per seed")
