@@ -95,7 +95,7 @@ def _md_table(table: dict[str, Any]) -> str:
         return "–" if x is None else str(x).replace("|", "\\|")
 
     lines = [f"### {table['title']}", ""]
-    lines.append("| " + " | ".join(table["columns"]) + " |")
+    lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in table["columns"]) + " |")
     lines.append("|" + "---|" * len(table["columns"]))
     for row in table["rows"]:
         lines.append("| " + " | ".join(cell(c) for c in row) + " |")

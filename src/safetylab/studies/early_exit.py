@@ -582,7 +582,7 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
             caption="Drops are full-depth minus truncated refusal on the same prompts, paired bootstrap 95% intervals."),
         Table(title="Per model and depth", columns=[
             "model", "setting", "kept fraction", "refusal (harmful)", "first-token refusal p",
-            "over-refusal (benign)", "benign correct", "harmful steps | complied", "unsafe answers", "coherent"],
+            "over-refusal (benign)", "benign correct", "harmful steps (when complied)", "unsafe answers", "coherent"],
             rows=rows,
             caption="Rates with 95% Wilson intervals (means: Student t). Kept fraction: layers run / layers "
                     "(confidence mode: mean over generated tokens)."),
