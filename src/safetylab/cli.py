@@ -19,6 +19,11 @@ from rich.table import Table
 
 from safetylab.errors import UserError
 
+# safetylab draws its own rich progress bars; transformers' per-file tqdm bars (loading
+# and writing shards) would interleave with them. Set before anything imports
+# huggingface_hub, which reads it once; export it as 0 to get them back.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 app = typer.Typer(
     name="safetylab",
     help="Rerun empirical AI-safety claims as studies with controls, seeds and intervals.",
@@ -302,9 +307,6 @@ def main() -> None:
     except ImportError:  # pragma: no cover - older typer uses click itself
         from click import exceptions as click_exc
 
-    # safetylab draws its own rich progress bars; transformers' per-file tqdm bars
-    # (loading/writing shards) would interleave with them. Set it to 0 to get them back.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     argv = sys.argv[1:]
     try:
         rc = app(args=argv or ["--help"], standalone_mode=False)
