@@ -216,21 +216,9 @@ class ResultsLog:
         if not self.path.exists():
             return []
         data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            if not repair:
-                data = data[:cut]
-            else:
-                with open(self.path, "r+b") as f:
-                    f.truncate(cut)
-                    f.flush()
-                    os.fsync(f.fileno())
-                print(
-                    f"note: {self.path} ended in a torn line (a crash mid-write); "
-                    f"removed it, that unit will be rerun",
-                    file=sys.stderr,
-                )
-                data = data[:cut]
+        torn = bool(data) and not data.endswith(b"\n")
+        cut = data.rfind(b"\n") + 1
+        data = data[:cut]
         records = []
         for i, raw in enumerate(data.splitlines(), start=1):
             if not raw.strip():
@@ -250,6 +238,16 @@ class ResultsLog:
                     f"reads version {RESULTS_VERSION}; rerun the study with this version"
                 )
             records.append(rec)
+        if torn and repair:
+            # Only after every complete line parsed: a file with a corrupt middle is left untouched.
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
+            print(
+                f"note: {self.path} ended in a torn line (a crash mid-write); removed it, that unit will be rerun",
+                file=sys.stderr,
+            )
         return records
 
 
@@ -398,9 +396,8 @@ def run_study(
     if resume is not None:
         study, config, env = load_run(resume)
         log = ResultsLog(resume / RESULTS_FILE)
-        log.read(repair=False)  # validate before touching anything
         run_dir = resume
-        log.read(repair=True)
+        records = log.read(repair=True)
         env.setdefault("resumed", []).append(
             {"at": _dt.datetime.now().isoformat(timespec="seconds"), "argv": argv or sys.argv}
         )
@@ -408,13 +405,13 @@ def run_study(
     else:
         study = get_study(name)
         config = resolve_config(study, scale=scale, config_file=config_file, overrides=overrides, seed=seed)
-        _check_units(study, study.units(config))
         run_dir = plan_run_dir(out, study.name)
         log = ResultsLog(run_dir / RESULTS_FILE)
+        records = []
 
     units = study.units(config)
     _check_units(study, units)
-    done = {r["key"] for r in log.read() if r["status"] == "ok"}
+    done = {r["key"] for r in records if r["status"] == "ok"}
     todo = [(i, u) for i, u in enumerate(units) if u.key not in done]
 
     ctx = Context(
