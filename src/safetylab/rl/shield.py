@@ -37,7 +37,7 @@ from typing import Any, Callable
 import gymnasium as gym
 import numpy as np
 
-_FEAS_TOL = 1e-9
+_INWARD = 1e-12  # relative inward shift of the constraint lines that candidates are built on
 
 
 def cbf_constraints(
@@ -108,7 +108,7 @@ def cbf_project(action: np.ndarray, G: np.ndarray, b: np.ndarray) -> tuple[np.nd
     feasible = np.ones(n, dtype=bool)
     # Most proposed actions are already safe and pass unchanged; solve the QP only for the rest.
     slack_a = G[..., 0] * a[:, None, 0] + G[..., 1] * a[:, None, 1] - b
-    todo = np.flatnonzero(np.any(slack_a < -_FEAS_TOL * (1.0 + np.abs(b)), axis=1))
+    todo = np.flatnonzero(np.any(slack_a < 0, axis=1))  # exact: no tolerance lets an action through
     if todo.size:
         u[todo], feasible[todo] = _project_active_sets(a[todo], G[todo], b[todo])
     return u, feasible
@@ -116,17 +116,20 @@ def cbf_project(action: np.ndarray, G: np.ndarray, b: np.ndarray) -> tuple[np.nd
 
 def _project_active_sets(a: np.ndarray, G: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, k, _ = G.shape
-    # Candidate 0: the action itself.
-    cands = [a[:, None, :]]
-    # Candidates 1..k: projection onto each constraint line g.u = b.
-    ga = G[..., 0] * a[:, None, 0] + G[..., 1] * a[:, None, 1]
     gg = G[..., 0] ** 2 + G[..., 1] ** 2
+    # Candidates lie on lines moved inwards by far more than rounding (and far less than any
+    # tolerance a user sees), so the one chosen satisfies G u >= b exactly, in floating point.
+    b_in = b + _INWARD * (np.sqrt(gg) + np.abs(b))
+    # Candidate 0: the action itself; candidate 1: no move (exactly safe from any safe state).
+    cands = [a[:, None, :], np.zeros_like(a)[:, None, :]]
+    # Candidates 2..k+1: projection onto each constraint line.
+    ga = G[..., 0] * a[:, None, 0] + G[..., 1] * a[:, None, 1]
     with np.errstate(divide="ignore", invalid="ignore"):
-        step = np.where(gg > 0, (b - ga) / gg, np.nan)
+        step = np.where(gg > 0, (b_in - ga) / gg, np.nan)
     cands.append(a[:, None, :] + step[..., None] * G)
     # Candidates for each pair of constraints: the vertex where both are tight (Cramer's rule).
     jj, kk = _pairs(k)
-    gj, gk, bj, bk = G[:, jj], G[:, kk], b[:, jj], b[:, kk]
+    gj, gk, bj, bk = G[:, jj], G[:, kk], b_in[:, jj], b_in[:, kk]
     det = gj[..., 0] * gk[..., 1] - gj[..., 1] * gk[..., 0]
     ok = np.abs(det) > 1e-12
     det = np.where(ok, det, 1.0)
@@ -139,7 +142,7 @@ def _project_active_sets(a: np.ndarray, G: np.ndarray, b: np.ndarray) -> tuple[n
     worst = slack.min(axis=2)  # nan where the candidate is undefined
     worst = np.where(np.isnan(worst), -np.inf, worst)
     dist = np.sum((cand - a[:, None, :]) ** 2, axis=2)
-    feasible_c = worst >= -_FEAS_TOL
+    feasible_c = worst >= 0
     score = np.where(feasible_c, dist, np.inf)
     best = np.argmin(score, axis=1)
     feasible = feasible_c[np.arange(n), best]
