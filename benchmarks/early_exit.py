@@ -55,9 +55,10 @@ def random_setup(args: argparse.Namespace) -> tuple[Any, list[list[int]], list[i
     shapes = {
         # Mistral-7B-v0.3 shape (random weights: nothing is downloaded).
         "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=32768, head_dim=128),
+                           num_key_value_heads=8, vocab_size=32768, head_dim=128, sliding_window=None,
+                           rope_theta=1e6),
         "mistral-tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
-                             num_key_value_heads=4, vocab_size=32768, head_dim=32),
+                             num_key_value_heads=4, vocab_size=32768, head_dim=32, sliding_window=None),
     }
     cfg = tf.MistralConfig(**shapes[args.random_arch], max_position_embeddings=4096)
     dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 on GPU")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--decoder", choices=["auto", "static", "hf"], default="auto",
+                   help="safetylab's per-depth decoder (auto: the static decoder where it supports the model)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,13 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep: {len(prompts)} prompts x depths {depths} x <= {args.max_new_tokens} new tokens")
 
     # --- safetylab's way (warm-up on a few prompts first: lazy init, kernel selection).
-    generate_at_depths(model, prompts[:4], depths[:1], max_new_tokens=2, eos=eos, pad=pad)
+    from safetylab.lm.decode import unsupported
+
+    why_not = unsupported(model, find_decoder_stack(model), max(map(len, prompts)) + args.max_new_tokens)
+    static = args.decoder == "static" or (args.decoder == "auto" and why_not is None)
+    graphs = static and args.device.startswith("cuda")
+    print(f"decoder: {'static' + (' with CUDA graphs' if graphs else '') if static else 'transformers'}"
+          + (f" (static unsupported: {why_not})" if args.decoder == "auto" and why_not else ""))
+    generate_at_depths(model, prompts[:4], depths[:1], max_new_tokens=2, eos=eos, pad=pad, decoder=args.decoder)
     timings: dict[str, float] = {}
     _sync(args.device)
     t0 = time.perf_counter()
     readout = empty_readout(len(prompts), n_layers)
     ours = generate_at_depths(model, prompts, depths, max_new_tokens=args.max_new_tokens, eos=eos, pad=pad,
-                              batch_size=args.batch_size, readout=readout)
+                              batch_size=args.batch_size, readout=readout, decoder=args.decoder)
     _sync(args.device)
     timings["batched per depth + readout"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -13,45 +13,11 @@ from safetylab.lm import (
     first_token_readout,
     generate_at_depths,
     greedy_generate,
-    identity_patched,
     truncated,
 )
 from safetylab.lm.tiny import tiny_causal_lm
-from safetylab.study import torch_threads
 
-EOS = 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with torch_threads(1):  # tiny models; avoids OpenMP spin-waits on a shared machine
-        yield
-
-
-def sharpened(arch: str, n_layers: int = 3) -> torch.nn.Module:
-    """A tiny model whose logits are far from ties (random init gives near-uniform ones),
-    and that emits EOS often enough to exercise stopping."""
-    model = tiny_causal_lm(arch, n_layers, seed=1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight.shape[0] != 99:
-                module.weight.mul_(4)
-    return model
-
-
-@pytest.fixture(scope="module")
-def prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(3)
-    lengths = [1, 3, 7, 4, 9, 2, 5, 8]  # unequal: left padding matters
-    return [torch.randint(3, 99, (n,), generator=g).tolist() for n in lengths]
-
-
-def essay_way(model: torch.nn.Module, prompt: list[int], depth: int, max_new_tokens: int) -> list[int]:
-    """Batch 1, layers after the exit replaced by identity, Transformers' generate."""
-    with identity_patched(model, depth):
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=0, eos_token_id=EOS)[0, len(prompt):].tolist()
-    return out[: out.index(EOS) + 1] if EOS in out else out
+from lm_fixtures import EOS, essay_way, one_thread, prompts, sharpened  # noqa: F401  (fixtures)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gpt_neox"])

@@ -204,3 +204,32 @@ def test_bad_config_input(real_model_folder: Path, tmp_path) -> None:
         Config(exit_mode="confidence", thresholds=[1.5])
     assert STUDY.resolve_config("quick").organism_scale == "quick"
     assert STUDY.resolve_config("paper").n_harmful == 200 and Config().n_benign == 50
+
+
+def test_decoder_choice(real_model_folder: Path, tmp_path) -> None:
+    """The static decoder and Transformers' forward give the same stored responses; asking
+    for the static decoder on a family it does not reproduce is bad input, found before
+    any unit runs."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    folder = real_model_folder
+    common = {"prompts": str(folder / "harmful.jsonl"), "benign_prompts": str(folder / "benign.csv"),
+              "prompt_column": "goal", "max_new_tokens": 6, "n_depths": 3}
+    ctx = Context(run_dir=tmp_path, seed=0, cache_dir=tmp_path)
+    responses = {}
+    for decoder in ("static", "hf"):
+        config = Config.model_validate({"models": [str(folder / "model")], "decoder": decoder, **common})
+        STUDY.prepare(config, ctx)
+        with torch_threads(1):
+            res = STUDY.run_unit(config, STUDY.units(config)[0], ctx)
+        responses[decoder] = [s["responses"] for s in res["settings"]]
+    assert responses["static"] == responses["hf"]
+
+    tok = PreTrainedTokenizerFast.from_pretrained(folder / "model")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4)).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    gpt2 = Config.model_validate({"models": [str(tmp_path / "gpt2")], "decoder": "static", **common})
+    with pytest.raises(UserError, match=r"decoder=static cannot run GPT2LMHeadModel: model_type 'gpt2' .*--decoder auto"):
+        STUDY.prepare(gpt2, ctx)
+    with pytest.raises(ValidationError, match="decoder=static decodes one depth at a time"):
+        Config(decoder="static", mixed_depth_batch=True)

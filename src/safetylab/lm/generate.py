@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from safetylab.lm.decode import StaticDecoder, collect_steps, unsupported
 from safetylab.lm.layers import find_decoder_stack, layer_hidden, readout_logits
 from safetylab.lm.truncate import ExitGate, check_depth, depth_sorted_batch, truncated
 
@@ -172,19 +173,23 @@ def _greedy_batch(
         step_ids = nxt[:, None]
         step_pos = step_pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    eos_set = set(eos)
-    result: list[list[int]] = [[] for _ in batch]
-    done = [False] * len(batch)
-    for step_rows, toks in steps:
-        for r, t in zip(step_rows.tolist(), toks.tolist()):
-            if not done[r]:
-                result[r].append(int(t))
-                done[r] = t in eos_set
-    return result
+    return collect_steps(steps, len(batch), list(eos))
+
+
+@dataclass
+class Prefill:
+    """A full-depth forward over one left-padded batch."""
+
+    cache: Any
+    """Transformers' ``DynamicCache`` holding every layer's prompt keys/values."""
+    hidden: torch.Tensor
+    """(batch, n_layers, d_model): each layer's output at the last prompt position."""
+    mask: torch.Tensor
+    """(batch, width) left-padding mask."""
 
 
 @torch.inference_mode()
-def _shared_prefill(model: nn.Module, stack: Any, batch: Sequence[Sequence[int]], pad: int) -> tuple[Any, torch.Tensor] | None:
+def _shared_prefill(model: nn.Module, stack: Any, batch: Sequence[Sequence[int]], pad: int) -> Prefill | None:
     """One full-depth prefill that serves every exit depth.
 
     The prompt's keys/values at layers < k do not depend on the exit depth k, and the
@@ -193,8 +198,8 @@ def _shared_prefill(model: nn.Module, stack: Any, batch: Sequence[Sequence[int]]
     layers) and its first token.
 
     Returns:
-        (full cache, (batch, n_layers, d_model) last-position hidden states), or ``None``
-        when the cache is not a plain per-layer dynamic cache (then each depth prefills).
+        The prefill, or ``None`` when the cache is not a plain per-layer dynamic cache
+        (then each depth prefills).
     """
     device = next(model.parameters()).device
     cache_kw, has_keep = _forward_kwargs(model)
@@ -219,21 +224,46 @@ def _shared_prefill(model: nn.Module, stack: Any, batch: Sequence[Sequence[int]]
             h.remove()
     cache = getattr(out, cache_kw, None) or getattr(out, "past_key_values", None)
     layers = getattr(cache, "layers", None)
-    if layers is None or len(layers) != stack.n_layers or any(type(l).__name__ != "DynamicLayer" for l in layers):
+    # A sliding-window layer qualifies while it still holds the whole prompt.
+    plain = ("DynamicLayer", "DynamicSlidingWindowLayer")
+    if (layers is None or len(layers) != stack.n_layers
+            or any(type(l).__name__ not in plain or l.keys.shape[-2] != ids.shape[1] for l in layers)):
         return None
-    return cache, torch.stack(captured, dim=1)
+    return Prefill(cache=cache, hidden=torch.stack(captured, dim=1), mask=mask)
 
 
 @torch.inference_mode()
-def _depth_start(stack: Any, prefill: tuple[Any, torch.Tensor], k: int) -> tuple[Any, torch.Tensor]:
+def _first_token(stack: Any, prefill: Prefill, k: int) -> torch.Tensor:
+    """The depth-k model's first new token: layer k's readout at the last prompt position."""
+    return readout_logits(stack, prefill.hidden[:, k - 1]).argmax(-1)
+
+
+@torch.inference_mode()
+def _depth_start(stack: Any, prefill: Prefill, k: int) -> tuple[Any, torch.Tensor]:
     """The depth-k model's prompt cache and first token, cut from a full-depth prefill."""
     from transformers import DynamicCache
 
-    cache, hidden = prefill
     # The cache's tensors are shared, not copied: decoding only ever concatenates onto them.
-    kv = [(layer.keys, layer.values) for layer in cache.layers[:k]]
-    first = readout_logits(stack, hidden[:, k - 1]).argmax(-1)
-    return DynamicCache(kv), first
+    kv = [(layer.keys, layer.values) for layer in prefill.cache.layers[:k]]
+    return DynamicCache(kv), _first_token(stack, prefill, k)
+
+
+DECODERS: tuple[str, ...] = ("auto", "static", "hf")
+"""``auto``: the static decoder where it supports the model, else Transformers' forward."""
+
+
+def _static_decoder(model: nn.Module, stack: Any, decoder: str, max_positions: int) -> Any:
+    """The :class:`~safetylab.lm.decode.StaticDecoder` to use, or ``None`` for Transformers'."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder={decoder!r}; use one of {', '.join(DECODERS)}")
+    if decoder == "hf":
+        return None
+    reason = unsupported(model, stack, max_positions)
+    if reason is None:
+        return StaticDecoder(model, stack)
+    if decoder == "static":
+        raise ValueError(f"decoder='static' cannot run {type(model).__name__}: {reason}; use decoder='auto' or 'hf'")
+    return None
 
 
 def greedy_generate(
@@ -287,6 +317,7 @@ def generate_at_depths(
     layers_attr: str | None = None,
     readout: "LayerReadout | None" = None,
     token_sets: Mapping[str, Sequence[int]] | None = None,
+    decoder: str = "auto",
 ) -> dict[int, list[list[int]]]:
     """Greedy continuations of every prompt from each early-exit depth.
 
@@ -304,6 +335,10 @@ def generate_at_depths(
             own depth (:func:`~safetylab.lm.truncate.depth_sorted_batch`: layer l runs only
             on the rows that reach it), instead of one truncated sweep per depth.
         layers_attr: dotted path of the layer list when it is not a known one.
+        decoder: per-depth sweep only. ``static`` decodes with
+            :class:`~safetylab.lm.decode.StaticDecoder` (Llama, Mistral, Qwen2: static KV
+            cache, CUDA graphs on a GPU); ``hf`` with Transformers' forward; ``auto`` (default)
+            uses the static decoder where it supports the model.
 
     Returns:
         ``{depth: continuations in prompt order}``.
@@ -323,6 +358,7 @@ def generate_at_depths(
         if len(prompt_ids) == 0:
             raise ValueError("no prompts to generate from; pass at least one prompt")
         result: dict[int, list[list[int]]] = {k: [[] for _ in prompt_ids] for k in depths}
+        fast = _static_decoder(model, stack, decoder, max(len(p) for p in prompt_ids) + max_new_tokens)
         for idx in _batches(prompt_ids, batch_size):
             batch = [prompt_ids[i] for i in idx]
             prefill = _shared_prefill(model, stack, batch, pad)
@@ -332,10 +368,19 @@ def generate_at_depths(
                                                layers_attr=layers_attr)
                     top, mass = part.top_token, part.mass
                 else:
-                    top, mass = _readout_stats(stack, prefill[1], token_sets)
+                    top, mass = _readout_stats(stack, prefill.hidden, token_sets)
                 readout.top_token[idx] = top
                 for name in mass:
                     readout.mass[name][idx] = mass[name]
+            if fast is not None and prefill is not None:
+                state = fast.start(prefill.cache, prefill.mask, max_new_tokens)
+                prefill.cache = None  # its keys/values now live in the static buffers
+                for k in depths:
+                    rows = fast.decode(state, k, _first_token(stack, prefill, k), max_new_tokens=max_new_tokens,
+                                       eos=eos, pad=pad)
+                    for i, r in zip(idx, rows):
+                        result[k][i] = r
+                continue
             for k in depths:
                 start = _depth_start(stack, prefill, k) if prefill is not None else None
                 with truncated(model, k, stack=stack):

@@ -70,6 +70,8 @@ class Config(StudyConfig):
     """Prompts per forward pass."""
     mixed_depth_batch: bool = False
     """Put all depths in shared batches (rows pass layers past their exit unchanged) instead of one sweep per depth."""
+    decoder: Literal["auto", "static", "hf"] = "auto"
+    """Per-depth sweep: 'static' = safetylab's lean decoder (Llama, Mistral, Qwen2; CUDA graphs on GPU), 'hf' = Transformers' forward, 'auto' = static where supported."""
     prompts: str | None = None
     """Real models: harmful prompts (JSONL/CSV/JSON/TXT file, HF dataset folder or hub id)."""
     benign_prompts: str | None = None
@@ -100,6 +102,8 @@ class Config(StudyConfig):
             if bad:
                 raise ValueError(f"depths: depth {bad[0]} keeps no layers; a depth is the number of decoder "
                                  f"layers that run, 1..n_layers")
+        if self.decoder == "static" and self.mixed_depth_batch:
+            raise ValueError("decoder=static decodes one depth at a time; drop mixed_depth_batch or use decoder=auto")
         if self.exit_mode == "confidence":
             if not self.thresholds or any(not 0.0 <= t <= 1.0 for t in self.thresholds):
                 raise ValueError(f"thresholds={self.thresholds}: confidence mode needs thresholds in [0, 1]")
@@ -273,6 +277,17 @@ def _check_real_model(config: Config, name: str) -> None:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     model_depths(config, stack.n_layers)
+    _check_decoder(config, skeleton, stack, 0)
+
+
+def _check_decoder(config: Config, model: Any, stack: Any, max_positions: int) -> None:
+    """``decoder='static'`` on a model the static decoder does not reproduce is bad input."""
+    from safetylab.lm.decode import unsupported
+
+    why = unsupported(model, stack, max_positions) if config.decoder == "static" else None
+    if why:
+        raise UserError(f"decoder=static cannot run {type(model).__name__}: {why}; use --decoder auto "
+                        f"(falls back to Transformers) or --decoder hf")
 
 
 def units(config: Config) -> list[Unit]:
@@ -304,6 +319,7 @@ def run_unit(config: Config, unit: Unit, ctx: Context) -> dict[str, Any]:
     prompt_ids = encode_prompts(lm.tokenizer, [r["text"] for r in requests])
     eos, pad = eos_ids(lm.model, lm.tokenizer), pad_id(lm.model, lm.tokenizer)
     common = dict(max_new_tokens=config.max_new_tokens, eos=eos, pad=pad, batch_size=config.batch_size)
+    _check_decoder(config, lm.model, stack, max(map(len, prompt_ids)) + config.max_new_tokens)
 
     settings: list[dict[str, Any]] = []
     with ctx.progress(f"early-exit {name}", total=None):
@@ -315,12 +331,14 @@ def run_unit(config: Config, unit: Unit, ctx: Context) -> dict[str, Any]:
             # The all-depth first-token readout comes from the sweep's own full-depth prefill.
             readout = empty_readout(len(prompt_ids), n_layers, sets)
             tokens = generate_at_depths(lm.model, prompt_ids, depths, mixed=config.mixed_depth_batch,
-                                        layers_attr=config.layers_attr, readout=readout, token_sets=sets, **common)
+                                        layers_attr=config.layers_attr, readout=readout, token_sets=sets,
+                                        decoder=config.decoder, **common)
             for k in depths:
                 settings.append({"label": f"depth {k}", "mode": "static", "depth": k, "threshold": None,
                                  "kept_fraction": k / n_layers, "tokens": tokens[k], "layers_used": None})
         else:
-            full = generate_at_depths(lm.model, prompt_ids, [n_layers], layers_attr=config.layers_attr, **common)
+            full = generate_at_depths(lm.model, prompt_ids, [n_layers], layers_attr=config.layers_attr,
+                                      decoder=config.decoder, **common)
             settings.append({"label": "full depth", "mode": "static", "depth": n_layers, "threshold": None,
                              "kept_fraction": 1.0, "tokens": full[n_layers], "layers_used": None})
             for t in config.thresholds:

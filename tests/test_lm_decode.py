@@ -1,0 +1,145 @@
+"""The static decoder reproduces Transformers token for token (and logit for logit) on
+every family it claims, falls back where it does not, and its graph protocol (one
+captured step replayed over changing buffers) gives the same tokens as eager decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safetylab.lm import find_decoder_stack, generate_at_depths, truncated
+from safetylab.lm.decode import StaticDecoder, unsupported
+from safetylab.lm.generate import _shared_prefill
+from safetylab.lm.tiny import tiny_causal_lm
+
+from lm_fixtures import EOS, essay_way, frequent_token, one_thread, prompts, sharpened  # noqa: F401  (fixtures)
+
+FAMILIES = ["llama", "mistral", "qwen2"]  # tiny configs use grouped keys: 4 query heads, 2 key heads
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_static_decoder_matches_batch_one_generate(arch: str, prompts: list[list[int]]) -> None:
+    model = sharpened(arch)
+    stop = frequent_token(model, prompts, 2)
+    got = generate_at_depths(model, prompts, [1, 2, 3], max_new_tokens=8, eos=[stop], pad=0, batch_size=5,
+                             decoder="static")
+    assert sum(len(r) < 8 for k in got for r in got[k]) >= 3  # EOS stops are exercised
+    for depth in (1, 2, 3):
+        assert got[depth] == [essay_way(model, p, depth, 8, stop) for p in prompts], f"{arch} depth {depth}"
+    hf = generate_at_depths(model, prompts, [1, 2, 3], max_new_tokens=8, eos=[stop], pad=0, batch_size=5,
+                            decoder="hf")
+    assert hf == got
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("fuse", [False, True])
+def test_decode_step_logits_equal_the_truncated_models(arch: str, fuse: bool, prompts: list[list[int]]) -> None:
+    model = tiny_causal_lm(arch, 3, seed=2)  # unsharpened: logits compared directly
+    stack = find_decoder_stack(model)
+    dec = StaticDecoder(model, stack, fuse=fuse)
+    prefill = _shared_prefill(model, stack, prompts, pad=0)
+    state = dec.start(prefill.cache, prefill.mask, max_new_tokens=3)
+    n = len(prompts)
+    fed = torch.tensor([7, 11, 13, 17, 19, 23, 29, 31])[:n]
+    valid = torch.zeros((n, state.keys[0].shape[2]), dtype=torch.bool)
+    valid[:, : state.width] = state.prompt_mask
+    column = torch.tensor([state.width])
+    with torch.inference_mode():
+        got = dec._logits(2, fed, state.lengths.clone(), column, list(state.keys), list(state.values), valid,
+                          state.width + 1)
+    with truncated(model, 2), torch.no_grad():
+        for i, p in enumerate(prompts):
+            want = model(torch.tensor([p + [int(fed[i])]])).logits[0, -1]
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
+
+
+def test_replayed_step_gives_the_eager_tokens(monkeypatch: pytest.MonkeyPatch, prompts: list[list[int]]) -> None:
+    """The CUDA-graph protocol on CPU: capture one step's computation once, then replay
+    it every step while only the buffers' contents change (what a CUDA graph does)."""
+    model = sharpened("mistral")
+    stack = find_decoder_stack(model)
+    eager = StaticDecoder(model, stack)
+    replayed = StaticDecoder(model, stack)
+    replayed.graphs = True
+    captures: list[int] = []
+
+    class Replay:
+        def __init__(self, body):
+            self.body, self.out = body, body()
+
+        def replay(self) -> None:
+            self.out.copy_(self.body())
+
+    def record(body):
+        captures.append(1)
+        graph = Replay(body)
+        return graph, graph.out
+
+    monkeypatch.setattr(replayed, "_record", record)
+    prefill = _shared_prefill(model, stack, prompts, pad=0)
+    for depth in (1, 3):
+        first = model.get_output_embeddings()(stack.final_norm(prefill.hidden[:, depth - 1])).argmax(-1)
+        want = eager.decode(eager.start(prefill.cache, prefill.mask, 9), depth, first, max_new_tokens=9, eos=[EOS],
+                            pad=0)
+        got = replayed.decode(replayed.start(prefill.cache, prefill.mask, 9), depth, first, max_new_tokens=9,
+                              eos=[EOS], pad=0)
+        assert got == want
+        assert want == [essay_way(model, p, depth, 9) for p in prompts]
+    assert len(captures) == 2  # one capture per depth, every other step replayed
+
+
+def test_compaction_leaves_tokens_unchanged(prompts: list[list[int]]) -> None:
+    model = sharpened("llama")
+    stop = frequent_token(model, prompts, 2)
+    stack = find_decoder_stack(model)
+    dec = StaticDecoder(model, stack)
+    prefill = _shared_prefill(model, stack, prompts, pad=0)
+    first = model.get_output_embeddings()(stack.final_norm(prefill.hidden[:, 1])).argmax(-1)
+    state = dec.start(prefill.cache, prefill.mask, 12)
+    runs = [dec.decode(state, 2, first, max_new_tokens=12, eos=[stop], pad=0, compact=c) for c in (True, False)]
+    assert runs[0] == runs[1]
+    assert sum(len(r) < 12 for r in runs[0]) >= 2  # rows finished early and were dropped
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gpt2", "opt"])
+def test_other_families_fall_back_to_transformers(arch: str, prompts: list[list[int]]) -> None:
+    model = sharpened(arch, 2)
+    stack = find_decoder_stack(model)
+    assert unsupported(model, stack) is not None
+    got = generate_at_depths(model, prompts, [1], max_new_tokens=5, eos=[EOS], pad=0)  # auto
+    assert got[1] == [essay_way(model, p, 1, 5) for p in prompts]
+    with pytest.raises(ValueError, match=r"decoder='static' cannot run .*; use decoder='auto' or 'hf'"):
+        generate_at_depths(model, prompts, [1], max_new_tokens=5, eos=[EOS], pad=0, decoder="static")
+
+
+def test_a_window_shorter_than_the_sequence_falls_back(prompts: list[list[int]]) -> None:
+    model = sharpened("mistral")
+    model.config.sliding_window = 12  # prompts up to 9 tokens + 8 new ones do not fit
+    stack = find_decoder_stack(model)
+    assert "attention window of 12" in unsupported(model, stack, 17)
+    assert unsupported(model, stack, 12) is None
+    got = generate_at_depths(model, prompts, [2], max_new_tokens=8, eos=[EOS], pad=0)
+    assert got[2] == [essay_way(model, p, 2, 8) for p in prompts]
+    with pytest.raises(ValueError, match="attention window of 12"):
+        generate_at_depths(model, prompts, [2], max_new_tokens=8, eos=[EOS], pad=0, decoder="static")
+
+
+def test_unknown_decoder_name(prompts: list[list[int]]) -> None:
+    model = tiny_causal_lm("llama", 2)
+    with pytest.raises(ValueError, match=r"decoder='fast'; use one of auto, static, hf"):
+        generate_at_depths(model, prompts, [1], max_new_tokens=2, eos=[EOS], pad=0, decoder="fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_match_eager_decoding(prompts: list[list[int]]) -> None:  # pragma: no cover - GPU
+    model = sharpened("llama").cuda()
+    stack = find_decoder_stack(model)
+    prefill = _shared_prefill(model, stack, prompts, pad=0)
+    first = model.get_output_embeddings()(stack.final_norm(prefill.hidden[:, 2])).argmax(-1)
+    runs = []
+    for graphs in (False, True):
+        dec = StaticDecoder(model, stack, graphs=graphs)
+        runs.append(dec.decode(dec.start(prefill.cache, prefill.mask, 10), 3, first, max_new_tokens=10,
+                               eos=[EOS], pad=0))
+        assert dec.graphs == graphs  # capture did not fail over to eager
+    assert runs[0] == runs[1]
