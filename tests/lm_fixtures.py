@@ -7,15 +7,19 @@ import torch
 
 from safetylab.lm import identity_patched
 from safetylab.lm.tiny import tiny_causal_lm
-from safetylab.study import torch_threads
 
 EOS = 2
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    with torch_threads(1):  # tiny models; avoids OpenMP spin-waits on a shared machine
-        yield
+    """Tiny models on one thread: no OpenMP spin-waits on a shared machine. (Set directly,
+    not through safetylab.study, so these tests also run where only torch and
+    transformers are installed, such as a bare GPU image.)"""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def sharpened(arch: str, n_layers: int = 3) -> torch.nn.Module:
