@@ -25,6 +25,7 @@ import secrets
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
@@ -449,27 +450,23 @@ def run_study(
         pending: dict[int, dict[str, Any]] = {}
         order = [i for i, _ in todo]
         next_pos = 0
-        from safetylab.progress import make_progress
+        from safetylab.progress import bar
 
-        progress = make_progress(transient=False) if not quiet else None
-        task = progress.add_task(f"{study.name}: units", total=len(todo)) if progress else None
-        if progress:
-            progress.start()
+        units_bar = bar(f"{study.name}: units", len(todo), transient=False) if not quiet else nullcontext(None)
         try:
-            for index, record in ex.map_units(study, config, todo, ctx):
-                pending[index] = record
-                if record["status"] != "ok":
-                    failed += 1
-                    print(f"unit {record['key']} failed: {record['error']}", file=sys.stderr)
-                # Write in unit order so results.jsonl is byte-reproducible under any pool.
-                while next_pos < len(order) and order[next_pos] in pending:
-                    log.append(pending.pop(order[next_pos]))
-                    next_pos += 1
-                if progress:
-                    progress.advance(task, 1)
+            with units_bar as advance:
+                for index, record in ex.map_units(study, config, todo, ctx):
+                    pending[index] = record
+                    if record["status"] != "ok":
+                        failed += 1
+                        print(f"unit {record['key']} failed: {record['error']}", file=sys.stderr)
+                    # Write in unit order so results.jsonl is byte-reproducible under any pool.
+                    while next_pos < len(order) and order[next_pos] in pending:
+                        log.append(pending.pop(order[next_pos]))
+                        next_pos += 1
+                    if advance:
+                        advance(1)
         finally:
-            if progress:
-                progress.stop()
             ex.close()
 
     render_run(run_dir, study=study, config=config, env=env)

@@ -106,19 +106,18 @@ class _NullProgress(ProgressHandle):
 
 class _RichProgress(ProgressHandle):
     def __init__(self, description: str, total: int | None) -> None:
-        from safetylab.progress import make_progress
-
-        self._progress = make_progress(transient=True)
         self._description = description
         self._total = total
+        self._bar: Any = None
 
     def __enter__(self) -> Callable[[float], None]:
-        self._progress.start()
-        task = self._progress.add_task(self._description, total=self._total)
-        return lambda n=1: self._progress.advance(task, n)
+        from safetylab.progress import bar
+
+        self._bar = bar(self._description, self._total)
+        return self._bar.__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        self._bar.__exit__(*exc)
 
 
 class Table(BaseModel):

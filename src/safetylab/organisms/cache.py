@@ -173,15 +173,10 @@ def _progress(quiet: bool, desc: str, total: int) -> Iterator[Any]:
     if quiet:
         yield None
         return
-    from safetylab.progress import make_progress
+    from safetylab.progress import bar
 
-    prog = make_progress(transient=True)
-    prog.start()
-    task = prog.add_task(desc, total=total)
-    try:
-        yield lambda n=1: prog.advance(task, n)
-    finally:
-        prog.stop()
+    with bar(desc, total) as advance:
+        yield advance
 
 
 def get_organism(
