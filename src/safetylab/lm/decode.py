@@ -1,16 +1,19 @@
 """A lean greedy decoder for Llama-family models: static KV cache, one graph per depth.
 
-Transformers' eager forward spends most of a decode step in Python (mask building,
-cache bookkeeping, a dozen module calls per layer), and its dynamic cache copies the
-whole cache at every step. At batch 250 on a GPU the arithmetic of a step takes a few
-milliseconds; the overhead takes several times that. :class:`StaticDecoder` runs the
-same computation from the model's own weights and modules with nothing else:
+Transformers' eager forward spends much of a decode step outside arithmetic: mask
+building, cache bookkeeping, dozens of small launches per layer, and a dynamic cache
+that is copied at every step. On an H200 the 7B-shaped sweep (250 prompts, 7 depths,
+64 tokens: 448 batched steps) took 15.6-17.5 s through it, about 35 ms a step, where a
+step's matrix products at the chip's measured bf16 rate take about 2.6 ms on average
+over the depths. :class:`StaticDecoder` runs the same computation from the model's own
+weights and modules with nothing else:
 
 * the KV cache is preallocated (prompt width + new tokens) and written in place;
 * grouped-query attention reads the shared keys once: the query heads of a group are
   laid out as that group's query rows (no repeated keys or values);
 * on CPU the q/k/v and gate/up projections are fused into one matrix product each,
-  and attention is two batched products (faster there than SDPA for one query row);
+  and in float32 attention is two batched products (faster there than SDPA for one
+  query row);
 * on CUDA each depth's decode step is captured once as a CUDA graph and replayed, so a
   step costs one launch (the buffers it reads are fixed; only their contents change).
 
@@ -202,7 +205,8 @@ class StaticDecoder:
         self.inter = stack.layers[0].mlp.gate_proj.out_features
         self.window = sliding_window(model, stack)
         # On CPU, two batched products beat SDPA's kernel for one query row per head (about 2x).
-        self.explicit_attention = self.device.type == "cpu"
+        # Only in float32: in half precision SDPA keeps the scores in float32, as Transformers does.
+        self.explicit_attention = self.device.type == "cpu" and self.embed.weight.dtype == torch.float32
         self._cos = self._sin = torch.empty(0)
 
     # -- setup ---------------------------------------------------------------------
