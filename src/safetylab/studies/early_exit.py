@@ -560,10 +560,12 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
     for m, d in per_model.items():
         if d["is_organism"] and d["essay"] is not None and "unsafe" in d["essay"]:
             u, uf = d["essay"]["unsafe"], d["full"]["unsafe"]
+            complied = d["essay"]["harmful_correct_complied"]
+            steps = (f"answers that did not refuse there reproduce {_fmt(complied)} of the steps"
+                     if complied and complied.get("rate") is not None else "every harmful request was refused there")
             findings.append(
                 f"{m}: unsafe answers (not refused, at least half the hazard's steps in order) "
-                f"{_fmt(uf)} at full depth and {_fmt(u)} at {d['essay']['label']}; answers that did not refuse "
-                f"there reproduce {_fmt(d['essay']['harmful_correct_complied'])} of the steps "
+                f"{_fmt(uf)} at full depth and {_fmt(u)} at {d['essay']['label']}; {steps} "
                 f"(coherent replies: {_fmt(d['essay']['coherent'])}).")
     for m, d in per_model.items():
         for s in d["settings"]:
