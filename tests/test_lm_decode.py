@@ -101,6 +101,18 @@ def test_replayed_step_gives_the_eager_tokens(monkeypatch: pytest.MonkeyPatch, p
     assert len(captures) == 2  # one capture per depth, every other step replayed
 
 
+def test_large_models_are_not_fused_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fusing copies q/k/v and gate/up; for a 7B model on CPU that is 9 GB more memory."""
+    from safetylab.lm import decode
+
+    model = tiny_causal_lm("llama", 2)
+    stack = find_decoder_stack(model)
+    assert len(StaticDecoder(model, stack).layers[0].qkv) == 1  # tiny: fused
+    monkeypatch.setattr(decode, "FUSE_MAX_BYTES", 1000)
+    dec = StaticDecoder(model, stack)
+    assert len(dec.layers[0].qkv) == 3 and dec.layers[0].qkv[0][0] is model.model.layers[0].self_attn.q_proj.weight
+
+
 def test_compaction_leaves_tokens_unchanged(prompts: list[list[int]]) -> None:
     model = sharpened("llama")
     stop = frequent_token(model, prompts, 2)

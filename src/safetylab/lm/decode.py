@@ -40,6 +40,9 @@ from safetylab.lm.layers import DecoderStack
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 """``config.model_type`` values whose decoder layer :class:`StaticDecoder` reproduces."""
 
+FUSE_MAX_BYTES = 1 << 30
+"""Largest size of the weight copies that fusing makes by default (a 7B model's would take 9 GB)."""
+
 # Rotary variants whose frequencies do not depend on the sequence length (a table of
 # cos/sin per position is then exact).
 _FIXED_ROPE = ("default", "linear", "llama3", "yarn")
@@ -166,7 +169,8 @@ class StaticDecoder:
         model: the causal LM (in eval mode; its weights are used in place).
         stack: its decoder stack (from :func:`~safetylab.lm.layers.find_decoder_stack`).
         fuse: fuse q/k/v and gate/up into one matrix each (copies those weights);
-            default on CPU, where a decode step is a handful of small products.
+            default on CPU for models whose copies take at most :data:`FUSE_MAX_BYTES`
+            (small models, where a decode step is a handful of small products).
         graphs: capture each depth's decode step as a CUDA graph (default on CUDA).
 
     Raises:
@@ -180,7 +184,11 @@ class StaticDecoder:
             raise ValueError(f"the static decoder cannot run {type(model).__name__}: {reason}; use decoder='hf'")
         self.model, self.stack = model, stack
         self.device = next(model.parameters()).device
-        fuse = self.device.type == "cpu" if fuse is None else fuse
+        if fuse is None:
+            fused_bytes = sum(m.weight.numel() * m.weight.element_size() for l in stack.layers
+                              for m in (l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj,
+                                        l.mlp.gate_proj, l.mlp.up_proj))
+            fuse = self.device.type == "cpu" and fused_bytes <= FUSE_MAX_BYTES
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a model on a CUDA device")
