@@ -28,6 +28,7 @@ token against Transformers (``tests/test_lm_decode.py``).
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -238,6 +239,8 @@ class StaticDecoder:
         """
         width = mask.shape[1]
         columns = width + max_new_tokens - 1  # the last new token is never fed back
+        if self.device.type == "cuda":  # aligned mask rows for the GPU's attention kernels
+            columns = -(-columns // 16) * 16  # (the spare columns stay masked)
         lengths = mask.sum(-1)
         longest = int(lengths.max()) + max_new_tokens
         if self.window is not None and longest > self.window:
@@ -246,8 +249,10 @@ class StaticDecoder:
         self._rope_tables(longest)
         keys, values = [], []
         for layer in prompt_cache.layers[: len(self.layers)]:
-            k = layer.keys.new_empty((*layer.keys.shape[:2], columns, self.head_dim))
-            v = layer.values.new_empty((*layer.values.shape[:2], columns, self.head_dim))
+            # Zeros, not empty: a graph's step attends every column, and a masked column
+            # still enters the arithmetic (recycled memory read as NaN would poison it).
+            k = layer.keys.new_zeros((*layer.keys.shape[:2], columns, self.head_dim))
+            v = layer.values.new_zeros((*layer.values.shape[:2], columns, self.head_dim))
             k[:, :, :width] = layer.keys
             v[:, :, :width] = layer.values
             keys.append(k)
@@ -273,9 +278,9 @@ class StaticDecoder:
         h = self.embed(tokens)  # (b, d)
         cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # (b, 1, head_dim)
         valid.index_fill_(1, column, True)
-        mask = valid[:, None, None, :n_cols]  # (b, 1, 1, cols): padding and future columns are False
-        if self.explicit_attention:
-            mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(~mask, float("-inf"))
+        # Additive mask, built once per step for every layer: padding and future columns get -inf.
+        mask = torch.zeros((b, 1, 1, n_cols), dtype=h.dtype, device=h.device)
+        mask.masked_fill_(~valid[:, None, None, :n_cols], float("-inf"))
         for i in range(depth):
             layer = self.layers[i]
             x = layer.ln1(h)
@@ -330,33 +335,40 @@ class StaticDecoder:
         finished = torch.isin(tokens, eos_t)
         rows = torch.arange(n, device=device)
         steps: list[tuple[torch.Tensor, torch.Tensor]] = [(rows, tokens.clone())]
+        on_gpu = device.type == "cuda"
+        # On a GPU the eager step attends every column too, so it equals the graph's step
+        # exactly (kernels round differently for other key lengths); on CPU it attends
+        # only the columns written so far.
+        all_columns = keys[0].shape[2] if on_gpu else None
         graph = None
-        if self.graphs and max_new_tokens > 1:
-            graph = self._capture(depth, tokens, positions, column, keys, values, valid)
-        check_every = 8 if device.type == "cuda" else 1
-        for step in range(1, max_new_tokens):
-            if graph is not None:
-                graph[0].replay()
-                nxt = graph[1]
-            else:
-                nxt = self._step(depth, tokens, positions, column, keys, values, valid, state.width + step)
-            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-            steps.append((rows, nxt))
-            finished |= torch.isin(nxt, eos_t)
-            tokens.copy_(nxt)
-            positions += 1
-            column += 1
-            if step % check_every == 0 or step == max_new_tokens - 1:
-                n_done = int(finished.sum())
-                if n_done == len(finished):
-                    break
-                if graph is None and compact and n_done * 4 >= len(finished):
-                    keep = (~finished).nonzero().squeeze(1)
-                    keys = [k.index_select(0, keep) for k in keys]
-                    values = [v.index_select(0, keep) for v in values]
-                    rows, tokens, positions = rows[keep], tokens[keep], positions[keep]
-                    valid, finished = valid[keep], finished[keep]
-        del graph
+        with torch.cuda.device(device) if on_gpu else nullcontext():  # capture on the model's GPU
+            if self.graphs and max_new_tokens > 1:
+                graph = self._capture(depth, tokens, positions, column, keys, values, valid)
+            check_every = 8 if on_gpu else 1  # reading `finished` waits for the GPU
+            for step in range(1, max_new_tokens):
+                if graph is not None:
+                    graph[0].replay()
+                    nxt = graph[1]
+                else:
+                    nxt = self._step(depth, tokens, positions, column, keys, values, valid,
+                                     all_columns or state.width + step)
+                nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+                steps.append((rows, nxt))
+                finished |= torch.isin(nxt, eos_t)
+                tokens.copy_(nxt)
+                positions += 1
+                column += 1
+                if step % check_every == 0 or step == max_new_tokens - 1:
+                    n_done = int(finished.sum())
+                    if n_done == len(finished):
+                        break
+                    if graph is None and compact and n_done * 4 >= len(finished):
+                        keep = (~finished).nonzero().squeeze(1)
+                        keys = [k.index_select(0, keep) for k in keys]
+                        values = [v.index_select(0, keep) for v in values]
+                        rows, tokens, positions = rows[keep], tokens[keep], positions[keep]
+                        valid, finished = valid[keep], finished[keep]
+            del graph
         return collect_steps(steps, n, eos)
 
     def _capture(self, depth: int, tokens: torch.Tensor, positions: torch.Tensor, column: torch.Tensor,
