@@ -12,6 +12,15 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_DISABLE_PROGRESS_
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+$PY - <<'PYEOF' || true
+# Which attention kernel serves the decode step's shape (7B: 8 key heads x 4 queries, 128 columns)?
+import torch
+q = torch.randn(250, 8, 4, 128, device="cuda", dtype=torch.bfloat16)
+k = torch.randn(250, 8, 128, 128, device="cuda", dtype=torch.bfloat16)
+mask = torch.zeros(250, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
+choice = torch._fused_sdp_choice(q, k, k, attn_mask=mask)
+print("SDPA backend for the decode step:", torch.nn.attention.SDPBackend(choice).name)
+PYEOF
 echo "== decoder tests (CUDA graphs vs eager, static vs Transformers) =="
 $PY -m pytest -q -p no:cacheprovider tests/test_lm_decode.py tests/test_lm_generate.py
 ARGS="--random-arch mistral-7b --device cuda --dtype bfloat16"
