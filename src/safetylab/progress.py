@@ -38,14 +38,19 @@ def make_progress(transient: bool = False) -> Progress:
 
 
 @contextmanager
-def bar(description: str, total: float | None, *, transient: bool = True) -> Iterator[Callable[..., None]]:
+def bar(description: str, total: float | None, *, transient: bool = True,
+        quiet: bool = False) -> Iterator[Callable[..., None]]:
     """A progress bar; yields ``advance(n=1)``.
 
     Args:
         description: the bar's label.
         total: steps to completion (``None``: unknown, an indeterminate bar).
         transient: remove the bar when done (else it stays, showing its final state).
+        quiet: draw nothing (``advance`` does nothing).
     """
+    if quiet or (transient and not _on_screen and not _console.is_terminal):
+        yield lambda n=1: None
+        return
     if _on_screen:
         display = _on_screen[-1]
         task = display.add_task(description, total=total)
@@ -53,9 +58,6 @@ def bar(description: str, total: float | None, *, transient: bool = True) -> Ite
             yield lambda n=1: display.advance(task, n)
         finally:
             display.remove_task(task)
-        return
-    if transient and not _console.is_terminal:
-        yield lambda n=1: None
         return
     display = make_progress(transient=transient)
     task = display.add_task(description, total=total)

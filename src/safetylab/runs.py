@@ -25,7 +25,6 @@ import secrets
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
@@ -452,9 +451,8 @@ def run_study(
         next_pos = 0
         from safetylab.progress import bar
 
-        units_bar = bar(f"{study.name}: units", len(todo), transient=False) if not quiet else nullcontext(None)
         try:
-            with units_bar as advance:
+            with bar(f"{study.name}: units", len(todo), transient=False, quiet=quiet) as advance:
                 for index, record in ex.map_units(study, config, todo, ctx):
                     pending[index] = record
                     if record["status"] != "ok":
@@ -464,8 +462,7 @@ def run_study(
                     while next_pos < len(order) and order[next_pos] in pending:
                         log.append(pending.pop(order[next_pos]))
                         next_pos += 1
-                    if advance:
-                        advance(1)
+                    advance(1)
         finally:
             ex.close()
 

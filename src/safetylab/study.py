@@ -29,7 +29,7 @@ import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, ContextManager, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -73,7 +73,7 @@ class Context:
         digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
         return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
-    def progress(self, description: str, total: int | None) -> "ProgressHandle":
+    def progress(self, description: str, total: int | None) -> ContextManager[Callable[..., None]]:
         """A rich progress bar inside a unit; silent when quiet or in a worker.
 
         Usage::
@@ -83,41 +83,9 @@ class Context:
                     ...
                     advance(1)
         """
-        if self.quiet or not self.in_process:
-            return _NullProgress()
-        return _RichProgress(description, total)
-
-
-class ProgressHandle:
-    def __enter__(self) -> Callable[[float], None]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def __exit__(self, *exc: object) -> None:  # pragma: no cover - interface
-        return None
-
-
-class _NullProgress(ProgressHandle):
-    def __enter__(self) -> Callable[[float], None]:
-        return lambda n=1: None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-class _RichProgress(ProgressHandle):
-    def __init__(self, description: str, total: int | None) -> None:
-        self._description = description
-        self._total = total
-        self._bar: Any = None
-
-    def __enter__(self) -> Callable[[float], None]:
         from safetylab.progress import bar
 
-        self._bar = bar(self._description, self._total)
-        return self._bar.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self._bar.__exit__(*exc)
+        return bar(description, total, quiet=self.quiet or not self.in_process)
 
 
 class Table(BaseModel):

@@ -129,10 +129,11 @@ def build(
     with _entry_lock(cache_dir, h):
         if check_entry(target, h) is None:  # another process finished it meanwhile
             return target
+        from safetylab.progress import bar
         from safetylab.study import torch_threads
 
         steps = (config.base_train if config.variant == "base" else config.variant_train).steps
-        with torch_threads(num_threads), _progress(quiet, f"training {config.variant}", steps) as adv:
+        with torch_threads(num_threads), bar(f"training {config.variant}", steps, quiet=quiet) as adv:
             result = train_organism(config, base_path=base_path, progress=adv, device=device)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{h}-", dir=cache_dir))
         try:
@@ -166,17 +167,6 @@ def build(
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-@contextmanager
-def _progress(quiet: bool, desc: str, total: int) -> Iterator[Any]:
-    if quiet:
-        yield None
-        return
-    from safetylab.progress import bar
-
-    with bar(desc, total) as advance:
-        yield advance
 
 
 def get_organism(
