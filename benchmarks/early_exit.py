@@ -73,6 +73,8 @@ def random_setup(args: argparse.Namespace) -> tuple[Any, list[list[int]], list[i
 
 
 def main(argv: list[str] | None = None) -> int:
+    from safetylab.lm.generate import DECODERS, choose_decoder
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--organism", default="sft", help="organism variant or folder (default sft)")
     p.add_argument("--scale", default="quick", help="organism scale (default quick)")
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 on GPU")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--decoder", choices=["auto", "static", "hf"], default="auto",
+    p.add_argument("--decoder", choices=DECODERS, default="auto",
                    help="safetylab's per-depth decoder (auto: the static decoder where it supports the model)")
     args = p.parse_args(argv)
     if args.threads:
@@ -106,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     # --- safetylab's way (warm-up on a few prompts first: lazy init, kernel selection).
     from safetylab.lm.decode import unsupported
 
-    why_not = unsupported(model, find_decoder_stack(model), max(map(len, prompts)) + args.max_new_tokens)
-    static = args.decoder == "static" or (args.decoder == "auto" and why_not is None)
-    graphs = static and args.device.startswith("cuda")
-    print(f"decoder: {'static' + (' with CUDA graphs' if graphs else '') if static else 'transformers'}"
-          + (f" (static unsupported: {why_not})" if args.decoder == "auto" and why_not else ""))
+    stack, longest = find_decoder_stack(model), max(map(len, prompts)) + args.max_new_tokens
+    fast = choose_decoder(model, stack, args.decoder, longest)  # what generate_at_depths will use
+    why_not = unsupported(model, stack, longest) if fast is None and args.decoder == "auto" else None
+    print("decoder: " + ("transformers" if fast is None else "static" + (" with CUDA graphs" if fast.graphs else ""))
+          + (f" (static unsupported: {why_not})" if why_not else ""))
     generate_at_depths(model, prompts[:4], depths[:1], max_new_tokens=2, eos=eos, pad=pad, decoder=args.decoder)
     timings: dict[str, float] = {}
     _sync(args.device)

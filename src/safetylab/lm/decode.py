@@ -183,7 +183,6 @@ class StaticDecoder:
         reason = unsupported(model, stack)
         if reason:
             raise ValueError(f"the static decoder cannot run {type(model).__name__}: {reason}; use decoder='hf'")
-        self.model, self.stack = model, stack
         self.device = next(model.parameters()).device
         if fuse is None:
             fused_bytes = sum(m.weight.numel() * m.weight.element_size() for l in stack.layers

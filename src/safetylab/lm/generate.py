@@ -252,8 +252,13 @@ DECODERS: tuple[str, ...] = ("auto", "static", "hf")
 """``auto``: the static decoder where it supports the model, else Transformers' forward."""
 
 
-def _static_decoder(model: nn.Module, stack: Any, decoder: str, max_positions: int) -> Any:
-    """The :class:`~safetylab.lm.decode.StaticDecoder` to use, or ``None`` for Transformers'."""
+def choose_decoder(model: nn.Module, stack: Any, decoder: str, max_positions: int) -> StaticDecoder | None:
+    """The :class:`~safetylab.lm.decode.StaticDecoder` that ``decoder`` asks for, or ``None``
+    for Transformers' forward (``hf``, or ``auto`` on a model the static decoder does not run).
+
+    Raises:
+        ValueError: an unknown name, or ``static`` on a model it does not run.
+    """
     if decoder not in DECODERS:
         raise ValueError(f"decoder={decoder!r}; use one of {', '.join(DECODERS)}")
     if decoder == "hf":
@@ -358,7 +363,7 @@ def generate_at_depths(
         if len(prompt_ids) == 0:
             raise ValueError("no prompts to generate from; pass at least one prompt")
         result: dict[int, list[list[int]]] = {k: [[] for _ in prompt_ids] for k in depths}
-        fast = _static_decoder(model, stack, decoder, max(len(p) for p in prompt_ids) + max_new_tokens)
+        fast = choose_decoder(model, stack, decoder, max(len(p) for p in prompt_ids) + max_new_tokens)
         for idx in _batches(prompt_ids, batch_size):
             batch = [prompt_ids[i] for i in idx]
             prefill = _shared_prefill(model, stack, batch, pad)
