@@ -66,6 +66,49 @@ def test_decode_step_logits_equal_the_truncated_models(arch: str, fuse: bool, pr
             torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_bit_for_bit_transformers(dtype: torch.dtype) -> None:
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from safetylab.lm.decode import _rotate
+
+    model = tiny_causal_lm("llama", 1).to(dtype)
+    dec = StaticDecoder(model, find_decoder_stack(model))
+    dec._rope_tables(40)
+    positions = torch.tensor([0, 3, 17, 39])
+    x = torch.randn(4, 5, dec.head_dim, dtype=dtype) * 3
+    cos, sin = model.model.rotary_emb(x, positions[None])
+    want = x * cos[0][:, None] + rotate_half(x) * sin[0][:, None]
+    got = _rotate(x, dec._cos[positions][:, None], dec._signed_sin[positions][:, None])
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_fused_norm_follows_the_models_norm(arch: str, prompts: list[list[int]]) -> None:
+    """The fused RMSNorm (the default on CUDA) is the family's formula: weight placement and
+    epsilon as the module's, so tokens equal Transformers' and values agree to float rounding."""
+    from safetylab.lm.decode import _rms_norm
+
+    model = sharpened(arch)
+    stack = find_decoder_stack(model)
+    norm = stack.layers[1].post_attention_layernorm
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, norm.weight.numel()))
+        x = torch.randn(6, norm.weight.numel()) * 5
+        torch.testing.assert_close(_rms_norm(norm, x), norm(x), rtol=1e-6, atol=1e-6)
+        xb = x.to(torch.bfloat16)
+        normb = type(norm)(norm.weight.numel(), eps=norm.variance_epsilon).to(torch.bfloat16)
+        normb.weight.copy_(norm.weight)
+        assert (_rms_norm(normb, xb) != normb(xb)).float().mean() < 0.02  # the same roundings, bar a rare last bit
+    dec = StaticDecoder(model, stack, fused_norm=True)
+    assert dec.fused_norm and not StaticDecoder(model, stack).fused_norm  # on CPU, the module by default
+    prefill = _shared_prefill(model, stack, prompts, pad=0)
+    for depth in (1, 3):
+        first = model.get_output_embeddings()(stack.final_norm(prefill.hidden[:, depth - 1])).argmax(-1)
+        got = dec.decode(dec.start(prefill.cache, prefill.mask, 8), depth, first, max_new_tokens=8, eos=[EOS], pad=0)
+        assert got == [essay_way(model, p, depth, 8) for p in prompts], f"{arch} depth {depth}"
+
+
 def test_replayed_step_gives_the_eager_tokens(monkeypatch: pytest.MonkeyPatch, prompts: list[list[int]]) -> None:
     """The CUDA-graph protocol on CPU: capture one step's computation once, then replay
     it every step while only the buffers' contents change (what a CUDA graph does)."""
@@ -167,8 +210,13 @@ def test_cuda_graphs_match_eager_decoding(dtype: torch.dtype, prompts: list[list
     prefill = _shared_prefill(model, stack, prompts * 4, pad=0)
     first = model.get_output_embeddings()(stack.final_norm(prefill.hidden[:, 2])).argmax(-1)
     runs = []
+    from safetylab.lm.decode import attention_kernels
+
+    with attention_kernels(torch.device("cuda")):  # no per-shape cuDNN graph builds
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     for graphs in (False, True):
         dec = StaticDecoder(model, stack, graphs=graphs)
+        assert dec.fused_norm
         runs.append(dec.decode(dec.start(prefill.cache, prefill.mask, 10), 3, first, max_new_tokens=10,
                                eos=[EOS], pad=0))
         assert dec.graphs == graphs  # capture did not fail over to eager

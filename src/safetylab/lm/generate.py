@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from safetylab.lm.decode import StaticDecoder, collect_steps, unsupported
+from safetylab.lm.decode import StaticDecoder, collect_steps, model_attention_kernels, unsupported
 from safetylab.lm.layers import find_decoder_stack, layer_hidden, readout_logits
 from safetylab.lm.truncate import ExitGate, check_depth, depth_sorted_batch, truncated
 
@@ -271,6 +271,7 @@ def choose_decoder(model: nn.Module, stack: Any, decoder: str, max_positions: in
     return None
 
 
+@model_attention_kernels
 def greedy_generate(
     model: nn.Module,
     prompt_ids: Sequence[Sequence[int]],
@@ -309,6 +310,7 @@ def greedy_generate(
     return out  # type: ignore[return-value]
 
 
+@model_attention_kernels
 def generate_at_depths(
     model: nn.Module,
     prompt_ids: Sequence[Sequence[int]],
@@ -422,6 +424,7 @@ class ConfidentGeneration:
     n_layers: int = 0
 
 
+@model_attention_kernels
 def generate_confident(
     model: nn.Module,
     prompt_ids: Sequence[Sequence[int]],
@@ -487,6 +490,7 @@ def _readout_stats(stack: Any, hidden: torch.Tensor, token_sets: Mapping[str, Se
 
 
 @torch.inference_mode()
+@model_attention_kernels
 def first_token_readout(
     model: nn.Module,
     prompt_ids: Sequence[Sequence[int]],
