@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if not eos:
         gen_kwargs["min_new_tokens"] = args.max_new_tokens
     mismatches: list[str] = []
+    differing: list[tuple[int, int, int, list[int]]] = []  # (depth, prompt, first differing token, essay's tokens)
     n_compared = 0
     _sync(args.device)
     t0 = time.perf_counter()
@@ -159,12 +160,24 @@ def main(argv: list[str] | None = None) -> int:
                 n_compared += 1
                 if out != ours[k][i]:
                     j = next((j for j, (a, b) in enumerate(zip(out, ours[k][i])) if a != b), min(len(out), len(ours[k][i])))
-                    mismatches.append(f"depth {k}, prompt {i} (length {len(prompts[i])}): first difference at new "
-                                      f"token {j}: essay {out[j:j + 3]} vs batched {ours[k][i][j:j + 3]}")
+                    differing.append((k, i, j, out))
                 if mixed is not None and mixed[k][i] != ours[k][i]:
                     mismatches.append(f"depth {k}, prompt {i}: mixed-depth batch differs from per-depth batch")
     _sync(args.device)
     essay_measured = time.perf_counter() - t0
+    # Outside the timing: how close to a tie was each first difference, by the essay's own logits?
+    margins: list[float] = []
+    spreads: list[float] = []
+    for k, i, j, out in differing:
+        line = (f"depth {k}, prompt {i} (length {len(prompts[i])}): first difference at new token {j}: "
+                f"essay {out[j:j + 3]} vs batched {ours[k][i][j:j + 3]}")
+        if j < min(len(out), len(ours[k][i])):
+            with identity_patched(model, k), torch.no_grad():
+                logits = model(torch.tensor([prompts[i] + out[:j]], device=args.device)).logits[0, -1].float()
+            margins.append(float(logits[out[j]] - logits[ours[k][i][j]]))
+            spreads.append(float(logits.std()))
+            line += f"; the essay's logit margin there {margins[-1]:.3g} (logits' spread {spreads[-1]:.3g})"
+        mismatches.append(line)
     n_essay = len(subset)
     essay_total = essay_measured * len(prompts) / n_essay
 
@@ -181,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
               f"(padding/batching changed a token):")
         for line in mismatches[:20]:
             print("  " + line)
+        if margins:
+            near = max(margins) < 0.05 * min(spreads)
+            print(f"  largest margin of the essay's token over the batched one at a first difference: {max(margins):.3g}"
+                  + (" (all near ties, where batching's rounding decides)" if near else
+                     " (not all near ties: a margin that large points to a decoding difference, not rounding)"))
     else:
         print(f"greedy outputs: identical on all {n_compared} (prompt, depth) pairs compared")
     best = min(ours_total, timings.get("mixed-depth single batch", float("inf")) + timings["(readout alone, 1 pass)"])
