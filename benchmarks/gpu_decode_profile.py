@@ -40,6 +40,9 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--skip-sweeps", action="store_true", help="only sections 3-4")
     args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.exit(2, "gpu_decode_profile.py: no CUDA device here; run it on a GPU machine, or pass --device cpu "
+                  "(with --random-arch mistral-tiny) to try it\n")
 
     import early_exit as bench
 
