@@ -123,6 +123,14 @@ def main() -> int:
                      + cfg.num_attention_heads * cfg.head_dim * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size)
     head = 2 * cfg.hidden_size * cfg.vocab_size
     n = len(batch)
+
+    def first_step(state, k):
+        """The buffers of depth k's first decode step, as StaticDecoder.decode sets them up."""
+        valid = torch.zeros((n, state.keys[0].shape[2]), dtype=torch.bool, device=args.device)
+        valid[:, : state.width] = state.prompt_mask
+        column = torch.full((1,), state.width, dtype=torch.long, device=args.device)
+        return gen._first_token(stack, prefill, k), state.lengths.clone(), column, valid
+
     for fuse in (False, True):
         if not cuda:
             break
@@ -131,11 +139,7 @@ def main() -> int:
         print(f"\none step from its graph, fuse={fuse} (batch {n}):")
         sum_ms = 0.0
         for k in depths:
-            valid = torch.zeros((n, state.keys[0].shape[2]), dtype=torch.bool, device=args.device)
-            valid[:, : state.width] = state.prompt_mask
-            tokens = gen._first_token(stack, prefill, k)
-            positions = state.lengths.clone()
-            column = torch.full((1,), state.width, dtype=torch.long, device=args.device)
+            tokens, positions, column, valid = first_step(state, k)
             graph, _ = dec._capture(k, tokens, positions, column, state.keys, state.values, valid)
             graph.replay()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -156,11 +160,7 @@ def main() -> int:
     dec = decode_mod.StaticDecoder(model, stack)
     state = dec.start(prefill.cache, prefill.mask, args.max_new_tokens)
     k = stack.n_layers
-    valid = torch.zeros((n, state.keys[0].shape[2]), dtype=torch.bool, device=args.device)
-    valid[:, : state.width] = state.prompt_mask
-    tokens = gen._first_token(stack, prefill, k)
-    positions = state.lengths.clone()
-    column = torch.full((1,), state.width, dtype=torch.long, device=args.device)
+    tokens, positions, column, valid = first_step(state, k)
     n_cols = state.keys[0].shape[2]
     for _ in range(2):
         dec._step(k, tokens, positions, column, state.keys, state.values, valid, n_cols)

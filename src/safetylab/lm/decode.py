@@ -243,9 +243,9 @@ class StaticDecoder:
                                         l.mlp.gate_proj, l.mlp.up_proj))
             fuse = self.device.type == "cpu" and fused_bytes <= FUSE_MAX_BYTES
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
-        norms = [n for l in stack.layers for n in (l.input_layernorm, l.post_attention_layernorm)] + [stack.final_norm]
         if fused_norm is None:
-            fused_norm = self.device.type == "cuda" and all(hasattr(n, "variance_epsilon") for n in norms)
+            norms = [n for l in stack.layers for n in (l.input_layernorm, l.post_attention_layernorm)]
+            fused_norm = self.device.type == "cuda" and all(hasattr(n, "variance_epsilon") for n in [*norms, stack.final_norm])
         self.fused_norm = fused_norm
         if self.graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a model on a CUDA device")
