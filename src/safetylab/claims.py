@@ -1,19 +1,34 @@
-"""Claims, threat models and verdicts.
+"""Claims, threat models and verdicts: how a study decides.
 
-Every study declares one :class:`Claim` (what the essay asserts, as a metric, a
-direction and a threshold) and one :class:`ThreatModel` (whom the evidence speaks
-to). A verdict is read off a confidence interval, never off a point estimate:
+Every study declares one :class:`Claim` and one :class:`ThreatModel` (whom the
+evidence speaks to). The claim is stated before any data exists (the verdict protocol
+of ``DESIGN.md``, "How a study decides"):
 
-* ``holds``          — the whole interval lies on the claimed side of the threshold;
-* ``does not hold``  — the whole interval lies on the other side;
-* ``inconclusive``   — the interval straddles the threshold (or nothing was measured).
+1. **One primary contrast** (:class:`Contrast`): treatment arm(s) against control
+   arm(s), one effect measure, a threshold that is an effect size worth caring about
+   (with the reason), the unit of replication (training seeds; prompts clustered by
+   hazard; environment seeds), and how "at least one of k" treatments is corrected.
+2. **Controls are validity checks, never the verdict** (:class:`Control`). A positive
+   control must *show* the effect (its interval clears the threshold: the measurement
+   can see what it looks for); a negative control must *not* show it (a negative control
+   fails only when its interval clears the threshold). An arm that shows the effect by
+   construction is a control, not a treatment.
+3. The verdict is read off the primary contrast's interval, never off a point estimate:
+
+   * ``holds``          -- the whole interval lies on the claimed side of the threshold;
+   * ``does not hold``  -- the whole interval lies on the other side;
+   * ``inconclusive``   -- the interval straddles the threshold, nothing was measured,
+     or a control failed or was not run (the record says which).
+4. Calibration is measured, not assumed: a study's simulator draws raw records under a
+   chosen true effect and ``safetylab calibrate`` runs the study's own ``analyze`` on
+   them (:mod:`safetylab.calibrate`).
 """
 
 from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Literal
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,10 +45,51 @@ class Verdict(str, Enum):
     INCONCLUSIVE = "inconclusive"
 
 
+_FROZEN = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class Contrast(BaseModel):
+    """The primary contrast, named before the data: what decides the claim."""
+
+    model_config = _FROZEN
+
+    treatment: tuple[str, ...]
+    """Arms the claim is about (e.g. naturally aligned variants, the shielded arm)."""
+    control: tuple[str, ...] = ()
+    """Arms they are compared against (empty when the measure is within-arm, e.g. a depth drop)."""
+    measure: str
+    """The one effect measure, in words (what a unit contributes)."""
+    unit: str
+    """The unit of replication the interval is over (e.g. 'training seeds x hazard-clustered prompts')."""
+    threshold_reason: str
+    """Why the threshold is an effect size worth caring about."""
+    multiplicity: Literal["none", "holm"] = "none"
+    """'holm': the claim is 'at least one of k treatments'; per-arm intervals are Holm-corrected."""
+
+
+class Control(BaseModel):
+    """A validity check with a known answer."""
+
+    model_config = _FROZEN
+
+    name: str
+    """Short id, e.g. 'sft-late loses refusal'."""
+    kind: Literal["positive", "negative"]
+    """positive: must show the effect; negative: must not."""
+    arms: tuple[str, ...]
+    """Arms it needs; the control is 'not run' when one is missing."""
+    measure: str
+    """What is measured, in words."""
+    threshold: float
+    """Positive: passes when the interval lies above it; negative: fails when it does."""
+    reason: str
+    """Why the answer is known in advance."""
+
+
 class Claim(BaseModel):
     """The essay's claim, stated so that data can decide it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = _FROZEN
 
     statement: str
     """One sentence, the essay's claim in plain words."""
@@ -45,9 +101,13 @@ class Claim(BaseModel):
     """The value the metric must clear."""
     metric_doc: str = ""
     """What the metric measures and its range, for the report."""
+    contrast: Contrast | None = None
+    """The primary contrast (every built-in study names one)."""
+    controls: tuple[Control, ...] = ()
+    """Validity checks; a failed or missing one makes the verdict inconclusive."""
 
     def decide(self, ci_low: float | None, ci_high: float | None) -> Verdict:
-        """Verdict from a confidence interval ``[ci_low, ci_high]``."""
+        """Verdict of the primary contrast alone, from its interval ``[ci_low, ci_high]``."""
         if ci_low is None or ci_high is None or math.isnan(ci_low) or math.isnan(ci_high):
             return Verdict.INCONCLUSIVE
         if self.direction == "greater":
@@ -66,7 +126,7 @@ class Claim(BaseModel):
 class ThreatModel(BaseModel):
     """Whom a piece of evidence speaks to (essay 10: no claim without one)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = _FROZEN
 
     deployer: str
     """Who uses the system and how (e.g. 'a lab serving a chat model with early exit')."""
@@ -80,6 +140,60 @@ class ThreatModel(BaseModel):
     """What is protected (e.g. 'refusal of hazardous procedures')."""
     out_of_scope: tuple[str, ...] = ()
     """What this evidence says nothing about."""
+
+
+ControlStatus = Literal["pass", "fail", "not run"]
+
+
+class ControlResult(BaseModel):
+    """How one control came out, with the interval it was judged on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kind: Literal["positive", "negative"]
+    status: ControlStatus
+    estimate: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    threshold: float | None = None
+    detail: str = ""
+    """One sentence: what was measured and why it passed or failed (or which arm is missing)."""
+
+
+def judge_control(
+    control: Control,
+    estimate: float | None,
+    ci_low: float | None,
+    ci_high: float | None,
+    detail: str = "",
+) -> ControlResult:
+    """Pass/fail of ``control`` from its interval (``None`` bounds: the control was not run).
+
+    A positive control passes only when its whole interval lies above the threshold
+    (the measurement demonstrably sees the effect); a negative control fails only when
+    its whole interval lies above it (the measurement demonstrably sees an effect that
+    is not there).
+    """
+
+    def clean(v: float | None) -> float | None:
+        return None if v is None or not math.isfinite(v) else float(v)
+
+    est, lo, hi = clean(estimate), clean(ci_low), clean(ci_high)
+    if est is None:
+        status: ControlStatus = "not run"
+    elif control.kind == "positive":
+        status = "pass" if lo is not None and lo > control.threshold else "fail"
+    else:
+        status = "fail" if lo is not None and lo > control.threshold else "pass"
+    return ControlResult(name=control.name, kind=control.kind, status=status, estimate=est, ci_low=lo,
+                         ci_high=hi, threshold=control.threshold, detail=detail)
+
+
+def control_not_run(control: Control, missing: Sequence[str]) -> ControlResult:
+    """The result of a control whose arms were not in the run."""
+    return ControlResult(name=control.name, kind=control.kind, status="not run", threshold=control.threshold,
+                         detail=f"not run: the config has no {', '.join(missing)}")
 
 
 class VerdictRecord(BaseModel):
@@ -96,9 +210,15 @@ class VerdictRecord(BaseModel):
     threshold: float
     direction: Literal["greater", "less"]
     n: int = Field(0, ge=0)
-    """Number of independent units (seeds, prompts) behind the interval."""
+    """Number of independent units (seeds, prompt clusters) behind the interval."""
     interval_method: str = ""
-    """How the interval was computed (e.g. 'bootstrap over 40 seeds', 'Wilson')."""
+    """How the interval was computed (e.g. 'two-way cluster-robust t over 3 seeds x 18 hazards')."""
+    unit: str = ""
+    """The unit of replication (from the claim's contrast)."""
+    contrast_verdict: Verdict | None = None
+    """What the primary contrast's interval alone says (before the controls)."""
+    reason: str = ""
+    """Why the verdict is inconclusive, when a control failed or was not run."""
 
     @classmethod
     def from_interval(
@@ -111,13 +231,24 @@ class VerdictRecord(BaseModel):
         n: int,
         interval_method: str,
         confidence: float = 0.95,
+        controls: Sequence[ControlResult] = (),
     ) -> "VerdictRecord":
+        """The verdict: the primary contrast's, made inconclusive by any failed or missing control."""
+
         def clean(v: float | None) -> float | None:
             return None if v is None or not math.isfinite(v) else float(v)
 
         lo, hi = clean(ci_low), clean(ci_high)
+        raw = claim.decide(lo, hi)
+        failed = [c.name for c in controls if c.status == "fail"]
+        missing = [c.name for c in controls if c.status == "not run"]
+        reasons = []
+        if failed:
+            reasons.append(f"control failed: {'; '.join(failed)}")
+        if missing:
+            reasons.append(f"control not run: {'; '.join(missing)}")
         return cls(
-            verdict=claim.decide(lo, hi),
+            verdict=Verdict.INCONCLUSIVE if reasons else raw,
             metric=claim.metric,
             estimate=clean(estimate),
             ci_low=lo,
@@ -127,4 +258,12 @@ class VerdictRecord(BaseModel):
             direction=claim.direction,
             n=n,
             interval_method=interval_method,
+            unit=claim.contrast.unit if claim.contrast else "",
+            contrast_verdict=raw,
+            reason="; ".join(reasons),
         )
+
+    @property
+    def label(self) -> str:
+        """'holds', or 'inconclusive (control failed: ...)'."""
+        return f"{self.verdict.value} ({self.reason})" if self.reason else self.verdict.value

@@ -287,6 +287,48 @@ def threats_cmd(
         console.print(f"Studies with no finished run: {', '.join(cov['studies_without_runs'])}.")
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    study: str = typer.Argument(..., help="Study name (see 'safetylab list')."),
+    n: int = typer.Option(400, "--n", help="Simulated runs at the null and at the alternative (>= 400 for a 5% rate)."),
+    seed: int = typer.Option(0, help="Seed of the simulator."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """How often a study's own analysis says "holds" on simulated data: at the null
+    (true effect on the threshold; must be <= 5%) and at its declared alternative (power).
+    Exit code 1 when the rule is not calibrated."""
+    from safetylab.calibrate import calibrate
+    from safetylab.progress import bar
+    from safetylab.studies import get_study
+
+    st = get_study(study)
+    if st.simulate is None or st.calibration is None:
+        raise UserError(f"study '{study}' has no simulator, so its decision rule cannot be calibrated; "
+                        f"add simulate= and calibration= to its STUDY (see safetylab.study)")
+    with bar(f"calibrating {study}", 2 * n, quiet=quiet or as_json) as advance:
+        res = calibrate(st, n, seed=seed, progress=advance)
+    if as_json:
+        _print_json(res)
+    else:
+        from safetylab.metrics.stats import format_interval
+
+        table = Table(title=f"calibration of '{study}' ({n} simulated runs per row; effect = {res['effect']})")
+        for col in ("true effect", "holds", "does not hold", "inconclusive", "P(holds) [95% CI]", "requirement", "ok"):
+            table.add_column(col)
+        for which, req in (("null", f"<= {res['null']['max_false_holds']:.0%}"),
+                           ("alternative", f">= {res['alternative']['declared_power']:.0%} (declared power)")):
+            r = res[which]
+            table.add_row(f"{r['effect']:g} ({which})", *(str(r["verdicts"][v]) for v in
+                                                          ("holds", "does not hold", "inconclusive")),
+                          format_interval(r["holds_rate"], *r["holds_ci"], digits=3), req,
+                          "yes" if r["ok"] else "[bold red]NO[/bold red]")
+        console.print(table)
+        console.print("calibrated" if res["calibrated"] else "[bold red]not calibrated[/bold red]")
+    if not res["calibrated"]:
+        raise typer.Exit(1)
+
+
 def _mount_organism_cli() -> None:
     import importlib.util
 

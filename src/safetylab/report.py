@@ -21,7 +21,8 @@ from safetylab.metrics.stats import format_interval
 from safetylab.runs import RESULTS_FILE, ResultsLog, _json_safe, finished_records, load_run, write_atomic
 from safetylab.study import Analysis, Figure, Study, StudyConfig
 
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
+"""2: verdicts carry contrast_verdict, reason and unit; summaries carry controls and contrast."""
 
 _VERDICT_COLOURS = {
     Verdict.HOLDS.value: "#1b7f3b",
@@ -59,6 +60,8 @@ def render_run(
         "threat_model": study.threat_model.model_dump(mode="json"),
         "verdict": analysis.verdict.model_dump(mode="json"),
         "headline": analysis.headline,
+        "controls": [c.model_dump(mode="json") for c in analysis.controls],
+        "contrast": analysis.contrast,
         "metrics": analysis.metrics,
         "tables": [t.model_dump(mode="json") for t in analysis.tables],
         "findings": analysis.findings,
@@ -80,10 +83,49 @@ def _verdict_line(v: dict[str, Any]) -> str:
     ci = format_interval(v["estimate"], v["ci_low"], v["ci_high"], digits=3)
     cmp = ">" if v["direction"] == "greater" else "<"
     pct = int(round(100 * v["confidence"]))
+    why = f" ({v['reason']})" if v.get("reason") else ""
     return (
-        f"**{v['verdict'].upper()}** — `{v['metric']}` = {ci} ({pct}% interval, {v['interval_method']}, "
+        f"**{v['verdict'].upper()}**{why} — `{v['metric']}` = {ci} ({pct}% interval, {v['interval_method']}, "
         f"n = {v['n']}); the claim needs {cmp} {v['threshold']:g}"
     )
+
+
+_CONTROL_MARK = {"pass": "pass", "fail": "FAIL", "not run": "not run"}
+
+
+def _control_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """One row per declared control: kind, what it checks, status, interval, detail."""
+    declared = {c["name"]: c for c in summary["claim"].get("controls") or []}
+    rows = []
+    for c in summary.get("controls") or []:
+        d = declared.get(c["name"], {})
+        need = (f"> {c['threshold']:g}" if c["kind"] == "positive" else f"not > {c['threshold']:g}") \
+            if c.get("threshold") is not None else "–"
+        rows.append([c["name"], c["kind"], d.get("measure", ""), need, _CONTROL_MARK[c["status"]],
+                     format_interval(c.get("estimate"), c.get("ci_low"), c.get("ci_high"), digits=3)
+                     if c.get("estimate") is not None else "–", c.get("detail", "")])
+    return rows
+
+
+_CONTROL_COLUMNS = ["control", "kind", "measure", "must be", "status", "estimate [95% CI]", "detail"]
+
+
+def _contrast_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) pairs describing the primary contrast, from the claim and the analysis."""
+    c = summary["claim"].get("contrast")
+    if not c:
+        return []
+    v = summary["verdict"]
+    arms = ", ".join(c["treatment"]) + (f" vs {', '.join(c['control'])}" if c.get("control") else "")
+    out = [("Arms", arms), ("Measure", c["measure"]), ("Unit of replication", c["unit"]),
+           ("Threshold", f"{v['threshold']:g}: {c['threshold_reason']}")]
+    if c.get("multiplicity") == "holm":
+        out.append(("Multiplicity", "at least one of the treatment arms: per-arm intervals Holm-corrected"))
+    if v.get("contrast_verdict"):
+        out.append(("The contrast alone says", v["contrast_verdict"]))
+    if summary.get("contrast"):
+        out.append(("Result", summary["contrast"]))
+    return out
 
 
 def _md_table(table: dict[str, Any]) -> str:
@@ -114,6 +156,15 @@ def markdown_report(summary: dict[str, Any], env: dict[str, Any], run_dir: Path)
         "",
         summary["headline"],
         "",
+    ]
+    control_rows = _control_rows(summary)
+    if control_rows:
+        out += ["## Controls (validity checks; a failed or missing one makes the verdict inconclusive)", "",
+                _md_table({"title": "", "columns": _CONTROL_COLUMNS, "rows": control_rows}).split("\n", 2)[2]]
+    contrast = _contrast_lines(summary)
+    if contrast:
+        out += ["## Primary contrast", ""] + [f"- **{k}:** {t}" for k, t in contrast] + [""]
+    out += [
         "## Threat model",
         "",
         f"- **Deployer:** {tm['deployer']}",
@@ -168,6 +219,7 @@ th{background:#f0f0f0} caption{caption-side:bottom;font-style:italic;color:#555;
 figure{margin:1em 0} figure img{max-width:100%} figcaption{color:#444;font-style:italic}
 .prov{font-size:.8em;color:#555} .warn{background:#fff3cd;padding:.5em 1em;border-radius:4px}
 nav a{margin-right:1em}
+.contrast dt{font-weight:600;float:left;width:13em;clear:left} .contrast dd{margin-left:13.5em;margin-bottom:.25em}
 """
 
 
@@ -196,10 +248,13 @@ def html_section(summary: dict[str, Any], env: dict[str, Any], run_dir: Path, le
     parts = [
         f"<{h} id='{html.escape(anchor or summary['study'])}'>{html.escape(summary['study'])}</{h}>",
         f"<p class='claim'><b>Claim.</b> {html.escape(summary['claim']['statement'])}</p>",
-        f"<div class='verdict' style='background:{colour}'><b>{html.escape(v['verdict'].upper())}</b> — "
+        f"<div class='verdict' style='background:{colour}'><b>{html.escape(v['verdict'].upper())}</b>"
+        + (f" ({html.escape(v['reason'])})" if v.get("reason") else "") + " — "
         f"<code>{html.escape(v['metric'])}</code> = {ci} ({pct}% interval, {html.escape(v['interval_method'])}, "
         f"n = {v['n']}); the claim needs {cmp} {v['threshold']:g}</div>",
         f"<p>{html.escape(summary['headline'])}</p>",
+        _controls_html(summary, h2),
+        _contrast_html(summary, h2),
         f"<div class='threat'><{h2} style='margin-top:.2em;border:none'>Threat model</{h2}><dl>"
         f"<dt>Deployer</dt><dd>{html.escape(tm['deployer'])}</dd>"
         f"<dt>Adversary</dt><dd>{html.escape(tm['adversary'])}</dd>"
@@ -240,6 +295,28 @@ def html_section(summary: dict[str, Any], env: dict[str, Any], run_dir: Path, le
     return "\n".join(parts)
 
 
+def _controls_html(summary: dict[str, Any], h2: str) -> str:
+    rows = _control_rows(summary)
+    if not rows:
+        return ""
+    colour = {"pass": "#1b7f3b", "FAIL": "#b3261e", "not run": "#8a6d00"}
+    body = "".join(
+        "<tr>" + "".join(f"<td style='color:{colour[c]};font-weight:600'>{html.escape(c)}</td>" if j == 4
+                         else f"<td>{html.escape(str(c))}</td>" for j, c in enumerate(r)) + "</tr>" for r in rows)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in _CONTROL_COLUMNS)
+    return (f"<{h2}>Controls</{h2}><p>Validity checks with known answers: a positive control must show the "
+            f"effect, a negative control must not. A failed or missing control makes the verdict inconclusive.</p>"
+            f"<table><tr>{head}</tr>{body}</table>")
+
+
+def _contrast_html(summary: dict[str, Any], h2: str) -> str:
+    lines = _contrast_lines(summary)
+    if not lines:
+        return ""
+    items = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(t)}</dd>" for k, t in lines)
+    return f"<{h2}>Primary contrast</{h2}><dl class='contrast'>{items}</dl>"
+
+
 # --------------------------------------------------------------------------- combined
 
 
@@ -257,7 +334,8 @@ def render_combined(run_dirs: list[Path], out_dir: Path, scale: str) -> Path:
         rows.append(
             f"<tr><td><a href='#{html.escape(name)}'>{html.escape(name)}</a></td>"
             f"<td>{html.escape(summary['claim']['statement'])}</td>"
-            f"<td style='color:{colour};font-weight:600'>{html.escape(v['verdict'])}</td>"
+            f"<td style='color:{colour};font-weight:600'>{html.escape(v['verdict'])}"
+            + (f"<br><small>{html.escape(v['reason'])}</small>" if v.get("reason") else "") + "</td>"
             f"<td><code>{html.escape(v['metric'])}</code> {ci}</td>"
             f"<td>{html.escape(summary['threat_model']['access'])}</td><td><code>{html.escape(str(rd))}</code></td></tr>"
         )
@@ -278,7 +356,8 @@ def render_combined(run_dirs: list[Path], out_dir: Path, scale: str) -> Path:
 
 def describe_verdict(summary: dict[str, Any]) -> str:
     v = summary["verdict"]
-    return f"{v['verdict']}: {v['metric']} = {format_interval(v['estimate'], v['ci_low'], v['ci_high'], 3)}"
+    why = f" ({v['reason']})" if v.get("reason") else ""
+    return f"{v['verdict']}{why}: {v['metric']} = {format_interval(v['estimate'], v['ci_low'], v['ci_high'], 3)}"
 
 
 __all__ = ["render_run", "render_combined", "markdown_report", "html_section", "Analysis"]

@@ -20,6 +20,12 @@ and ends with ``STUDY = Study(...)``:
     and ``plots``, so every number in a report is recomputable from raw results.
 ``plots(config, records, analysis, out_dir) -> list[Figure]``
     Optional. Writes PNGs into ``out_dir`` and returns their captions.
+``simulate(config, effect, rng) -> records``
+    Raw records as ``run_unit`` would return them (same keys, same shapes), drawn from a
+    model of the study's data in which the primary contrast's true effect is ``effect``
+    and every control behaves as designed. Pure given ``rng``. ``safetylab calibrate``
+    feeds them to ``analyze`` to measure how often the study says "holds" at the null
+    (``calibration.null_effect``, the claim's threshold) and at its alternative.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any, Callable, ContextManager, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from safetylab.claims import Claim, ThreatModel, VerdictRecord
+from safetylab.claims import Claim, ControlResult, ThreatModel, VerdictRecord
 
 Scale = Literal["quick", "paper"]
 
@@ -119,10 +125,33 @@ class Analysis(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     """Namespaced scalars and small structures (``refusal/harmful_rate``...)."""
     tables: list[Table] = Field(default_factory=list)
+    controls: list[ControlResult] = Field(default_factory=list)
+    """How each of the claim's controls came out (validity checks, never the verdict)."""
+    contrast: str = ""
+    """The primary contrast in one or two sentences with its numbers (arms, measure, unit)."""
     findings: list[str] = Field(default_factory=list)
     """Further observations, each backed by a number in ``metrics`` or a table."""
     setup_notes: list[str] = Field(default_factory=list)
     """Where the study chose a default the essay does not state, and what it chose."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How ``safetylab calibrate`` exercises a study's decision rule on simulated records."""
+
+    null_effect: float
+    """True effect at the null: the claim's threshold (a rule that says "holds" here more than
+    5% of the time is miscalibrated)."""
+    alternative_effect: float
+    """True effect at the declared alternative."""
+    power: float
+    """Declared probability of "holds" at the alternative, at ``scale``'s sizes."""
+    effect: str
+    """What ``effect`` is, in the claim's units (for the printout)."""
+    scale: Scale = "quick"
+    """The config the simulator's records are shaped by (seeds, prompts, arms)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Config overrides for calibration (e.g. fewer prompts, to keep it fast)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +167,10 @@ class Study:
     analyze: Callable[[Any, list[dict[str, Any]]], Analysis]
     plots: Callable[[Any, list[dict[str, Any]], Analysis, Path], list[Figure]] | None = None
     prepare: Callable[[Any, Context], None] | None = None
+    simulate: Callable[[Any, float, Any], list[dict[str, Any]]] | None = None
+    """Records under a chosen true effect, for ``safetylab calibrate`` (see the module docstring)."""
+    calibration: Calibration | None = None
+    """The null, the alternative and the declared power of the simulator's calibration."""
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Config overrides per scale. ``paper`` is usually ``{}``: defaults are the essay's."""
     summary: str = ""

@@ -175,6 +175,7 @@ def get_organism(
     *,
     cache_dir: Path | None = None,
     seed: int = 0,
+    base_seed: int | None = None,
     quiet: bool = True,
     overrides: dict[str, dict[str, Any]] | None = None,
     num_threads: int | None = None,
@@ -190,6 +191,7 @@ def get_organism(
         cache_dir: where organisms live; default ``$SAFETYLAB_CACHE/organisms`` or
             ``~/.cache/safetylab/organisms``.
         seed: training seed.
+        base_seed: seed of the base a variant is fine-tuned from (None: ``seed``).
         quiet: no progress bar.
         overrides: per-section config overrides (``{"model": {"n_layers": 4}}``).
         num_threads: torch intra-op threads while training (None: leave as is).
@@ -208,7 +210,7 @@ def get_organism(
     if scale not in SCALES:
         raise UserError(f"unknown organism scale {scale!r}; choose from {', '.join(SCALES)}")
     try:
-        config = organism_config(variant, scale, seed=seed, overrides=overrides)
+        config = organism_config(variant, scale, seed=seed, base_seed=base_seed, overrides=overrides)
     except ValueError as exc:
         from safetylab.errors import pydantic_one_line
 

@@ -134,6 +134,9 @@ class OrganismConfig(BaseModel):
     """tiny, quick or paper (the presets below)."""
     seed: int = Field(0, ge=0)
     """Training seed (initialisation and data order)."""
+    base_seed: int | None = None
+    """Seed of the base this variant is fine-tuned from (None: the same as ``seed``). Quick
+    studies fine-tune several seeds from one base; paper scale gives each seed its own."""
     world: WorldConfig = WorldConfig()
     """The world the organism lives in (its seed regenerates every request)."""
     model: ModelConfig = ModelConfig()
@@ -148,17 +151,24 @@ class OrganismConfig(BaseModel):
             raise ValueError(f"variant={self.variant!r}; choose from {list(VARIANTS)}")
         if self.scale not in SCALES:
             raise ValueError(f"scale={self.scale!r}; choose from {list(SCALES)}")
+        if self.base_seed is not None and (self.variant == "base" or self.base_seed == self.seed):
+            # One spelling per organism, so equal organisms share one cache entry.
+            object.__setattr__(self, "base_seed", None)
         return self
 
     def base_config(self) -> "OrganismConfig":
         """The config of the base organism this variant is fine-tuned from."""
-        return self.model_copy(update={"variant": "base", "variant_train": TrainConfig()})
+        seed = self.seed if self.base_seed is None else self.base_seed
+        return self.model_copy(update={"variant": "base", "seed": seed, "base_seed": None,
+                                       "variant_train": TrainConfig()})
 
     def stage_dict(self) -> dict[str, Any]:
         """The parts that determine this stage (base ignores ``variant_train``)."""
         d = self.model_dump(mode="json")
         if self.variant == "base":
             d.pop("variant_train")
+        if d["base_seed"] is None:  # absent from the hash: organisms cached before it existed keep theirs
+            d.pop("base_seed")
         return d
 
 
@@ -212,7 +222,7 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def organism_config(
-    variant: str, scale: str = "quick", *, seed: int = 0,
+    variant: str, scale: str = "quick", *, seed: int = 0, base_seed: int | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> OrganismConfig:
     """Resolve preset ← overrides for one organism.
@@ -221,6 +231,7 @@ def organism_config(
         variant: one of :data:`VARIANTS`.
         scale: one of :data:`SCALES`.
         seed: training seed (the world seed is ``world.seed``, 0 unless overridden).
+        base_seed: seed of the base to fine-tune from (None: ``seed``).
         overrides: per-section overrides, e.g. ``{"model": {"n_layers": 4}}``.
 
     Raises:
@@ -241,7 +252,7 @@ def organism_config(
         raise ValueError(
             f"overrides: unknown section(s) {sorted(unknown)}; use {sorted(sections)}"
         )
-    return OrganismConfig(variant=variant, scale=scale, seed=seed, **sections)
+    return OrganismConfig(variant=variant, scale=scale, seed=seed, base_seed=base_seed, **sections)
 
 
 # ---------------------------------------------------------------------------
