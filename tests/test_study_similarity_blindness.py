@@ -1,16 +1,18 @@
-"""Study `similarity-blindness`: constructions behave as their ground truth says."""
+"""Study `similarity-blindness`: constructions, the trigger effect, the verdict and its controls."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from safetylab.claims import Verdict
-from safetylab.studies.similarity_blindness import STUDY, _trigger_detector
+from safetylab.studies.similarity_blindness import MARGIN, STUDY, _trigger_detector, trigger_effect
 from safetylab.study import Context, torch_threads
 
-TINY = {"seeds": 1, "epochs": 10, "hidden_sizes": (32, 16)}
+TINY = {"seeds": 3, "epochs": 10, "hidden_sizes": (32, 16), "epsilons": (0.01, 10.0)}
 
 
 @pytest.fixture(scope="module")
@@ -23,67 +25,123 @@ def tiny_run(tmp_path_factory):
     return config, records
 
 
-def _case(records, case):
-    return next(r["result"] for r in records if r["result"]["case"] == case)
+def _pair(records, name, seed=0):
+    return records[seed]["result"]["pairs"][name]
+
+
+def _trace(records, seed=0):
+    return records[seed]["result"]["trace"]
+
+
+def test_trigger_effect_is_asr_minus_clean_base_rate_on_non_target_inputs():
+    labels = np.array([0, 0, 1, 2, 3, 4, 5])  # target 0: five non-target inputs (indices 2..6)
+    pred_clean = np.array([0, 0, 1, 0, 3, 4, 5])  # one non-target input already predicted 0
+    pred_trigger = np.array([1, 0, 0, 0, 0, 4, 0])  # four non-target inputs sent to 0
+    te = trigger_effect(labels, pred_clean, pred_trigger, target_class=0)
+    assert (te["n"], te["asr_hits"], te["base_hits"]) == (5, 4, 1)
+    assert te["asr"] == pytest.approx(0.8) and te["base_rate"] == pytest.approx(0.2)
+    assert te["effect"] == pytest.approx(0.6)  # not raw agreement (3/7) nor raw ASR (0.8)
+    with pytest.raises(ValueError, match="equal-length"):
+        trigger_effect(labels, pred_clean[:3], pred_trigger, target_class=0)
 
 
 def test_rotated_copy_is_same_in_geometry_and_function(tiny_run):
     _, records = tiny_run
-    r = _case(records, "rotated_copy")
-    assert r["geometry"]["linear_cka"] == pytest.approx(1.0, abs=1e-9)
-    assert r["geometry"]["procrustes"] == pytest.approx(0.0, abs=1e-6)
-    assert r["pred_a_clean"] == r["pred_b_clean"] and r["pred_a_trigger"] == r["pred_b_trigger"]
-    assert r["ablation_similarity"] == pytest.approx(1.0, abs=1e-9)
+    p = _pair(records, "rotated_copy")
+    assert p["geometry"]["clean"]["linear_cka"] == pytest.approx(1.0, abs=1e-9)
+    assert p["geometry"]["clean"]["procrustes"] == pytest.approx(0.0, abs=1e-6)
+    assert p["agree_clean"] == 1.0 and p["agree_trigger"] == 1.0
+    assert p["ablation_r"] == pytest.approx(1.0, abs=1e-9)
 
 
-def test_low_variance_readout_fools_geometry_not_function(tiny_run):
+def test_low_variance_readout_fools_geometry_only_at_small_epsilon(tiny_run):
     _, records = tiny_run
-    r = _case(records, "low_variance_readout")
-    assert r["geometry"]["linear_cka"] > 0.999 and r["geometry"]["cca"] > 0.999
-    a, b = np.array(r["pred_a_clean"]), np.array(r["pred_b_clean"])
+    small, large = _pair(records, "low_variance_readout@0.01"), _pair(records, "low_variance_readout@10")
+    assert small["geometry"]["clean"]["linear_cka"] > 0.999 and small["geometry"]["clean"]["cca"] > 0.999
+    assert large["geometry"]["clean"]["linear_cka"] < 0.9  # a channel as large as the layer is seen
+    tr = _trace(records)["networks"]
+    a, b = np.array(tr["reference"]["pred_clean"]), np.array(tr["low_variance_readout@0.01"]["pred_clean"])
     np.testing.assert_array_equal(b, (a + 1) % 10)  # B reads the shifted label from the tiny channel
-    assert r["ablation_similarity"] < 0.9
+    assert small["agree_clean"] == 0.0
 
 
 def test_hidden_trigger_is_identical_on_clean_and_different_on_trigger(tiny_run):
     _, records = tiny_run
-    r = _case(records, "hidden_trigger")
-    assert r["geometry"]["linear_cka"] == pytest.approx(1.0, abs=1e-9)
-    assert r["pred_a_clean"] == r["pred_b_clean"]
-    assert set(r["pred_b_trigger"]) == {0}  # the trigger forces target_class on every input
-    assert np.mean(np.array(r["pred_a_trigger"]) == 0) < 0.5
+    p = _pair(records, "hidden_trigger")
+    assert p["geometry"]["clean"]["linear_cka"] == pytest.approx(1.0, abs=1e-9)
+    assert p["agree_clean"] == 1.0
+    tr = _trace(records)["networks"]
+    assert set(tr["hidden_trigger"]["pred_trigger"]) == {0}  # the trigger forces target_class on every input
+    net = records[0]["result"]["networks"]["hidden_trigger"]["trigger"]
+    assert net["asr_hits"] == net["n"]
 
 
-def test_trained_backdoor_learns_the_trigger(tiny_run):
+def test_trained_backdoor_takes_and_honest_retrain_has_no_trigger(tiny_run):
     _, records = tiny_run
-    r = _case(records, "trigger_trained")
-    assert np.mean(np.array(r["pred_b_trigger"]) == 0) > 0.8  # attack success
-    assert np.mean(np.array(r["pred_b_clean"]) == np.array(r["labels"])) > 0.8  # clean accuracy kept
+    for r in records:
+        nets = r["result"]["networks"]
+        for name, lo, hi in (("backdoor", 0.8, 1.0), ("retrain", -0.1, 0.1), ("reference", -0.1, 0.1)):
+            t = nets[name]["trigger"]
+            assert lo <= (t["asr_hits"] - t["base_hits"]) / t["n"] <= hi, (name, t)
+        assert nets["backdoor"]["accuracy"] > 0.8  # clean accuracy kept
 
 
-def test_analysis_verdict_and_plots(tiny_run, tmp_path):
+def test_analysis_tables_controls_and_plots(tiny_run, tmp_path):
     config, records = tiny_run
     analysis = STUDY.analyze(config, records)
-    assert analysis.verdict.verdict == Verdict.HOLDS
-    m = analysis.metrics
-    # at least the two constructed cases are blind spots
-    assert m["blindness/count"] >= 2 and m["blindness/n_function_different"] >= 2
-    assert m["geometry/rotated_copy/linear_cka"] == pytest.approx(1.0)
-    assert m["function/hidden_trigger/agree_clean"] == 1.0
-    assert [t.title for t in analysis.tables][:2] == ["Geometric measures at the last hidden layer (clean test inputs)", "Functional measures"]
+    v = analysis.verdict
+    assert v.n == config.seeds and v.threshold == -MARGIN and v.metric == "blindness/cka_gap"
+    gaps = [r["result"]["pairs"]["backdoor"]["geometry"]["clean"]["linear_cka"]
+            - r["result"]["pairs"]["retrain"]["geometry"]["clean"]["linear_cka"] for r in records]
+    assert v.estimate == pytest.approx(np.mean(gaps))
+    assert v.ci_low < v.estimate < v.ci_high
+    assert {c.name: c.status for c in analysis.controls} == {
+        "the backdoor took": "pass", "honest retrains have no trigger": "pass",
+        "CKA sees an untrained network": "pass", "a constructed blind pair is blind": "pass"}
+    assert v.verdict == v.contrast_verdict  # every control passed: the contrast decides
+    titles = [t.title for t in analysis.tables]
+    assert any(t.startswith("Audits") for t in titles) and any(t.startswith("Labelled demonstrations") for t in titles)
+    audit = analysis.metrics["audit/function/trigger_effect"]
+    assert audit["detected"] == audit["n"] == config.seeds  # behaviour on trigger inputs catches every backdoor
     figs = STUDY.plots(config, records, analysis, tmp_path)
-    assert all((tmp_path / f.path).stat().st_size > 10_000 for f in figs)
+    assert len(figs) == 2 and all((tmp_path / f.path).stat().st_size > 10_000 for f in figs)
 
 
-def test_verdict_is_not_holds_when_cka_sees_every_difference(tiny_run):
+def test_an_honest_retrain_in_the_backdoors_place_does_not_hold(tiny_run):
+    """Swap each seed's backdoored network for another seed's honest retrain: CKA cannot be blind to
+    a difference that is not there, so the study must not say 'holds'."""
     config, records = tiny_run
-    strict = type(config).model_validate({**config.model_dump(), "cka_threshold": 1.0})
-    only_trained = [r for r in records if r["result"]["case"] in ("independent_seeds", "trigger_trained")]
-    analysis = STUDY.analyze(strict, only_trained)
-    assert analysis.metrics["blindness/count"] == 0
-    # an existence claim: zero blind pairs bounds the rate (Clopper-Pearson) but cannot prove it is 0
-    assert analysis.verdict.verdict == Verdict.INCONCLUSIVE
-    assert analysis.verdict.ci_low == 0.0 and analysis.verdict.ci_high < 1.0
+    swapped = copy.deepcopy(records)
+    n = len(records)
+    for j, r in enumerate(swapped):
+        other = records[(j + 1) % n]["result"]
+        r["result"]["pairs"]["backdoor"] = copy.deepcopy(other["pairs"]["retrain"])
+        r["result"]["networks"]["backdoor"] = copy.deepcopy(other["networks"]["retrain"])
+    analysis = STUDY.analyze(config, swapped)
+    assert analysis.verdict.verdict != Verdict.HOLDS
+    status = {c.name: c.status for c in analysis.controls}
+    assert status["the backdoor took"] == "fail"
+    assert "the backdoor took" in analysis.verdict.reason
+
+
+def test_simulated_verdict_can_come_out_every_way():
+    config = STUDY.resolve_config("quick")
+    rng = np.random.default_rng(0)
+    blind = STUDY.analyze(config, STUDY.simulate(config, 0.0, rng))
+    assert blind.verdict.verdict == Verdict.HOLDS
+    seen = STUDY.analyze(config, STUDY.simulate(config, -0.1, rng))
+    assert seen.verdict.verdict == Verdict.DOES_NOT_HOLD
+    # the same blind geometry without a working trigger: the positive control fails, no "holds"
+    records = STUDY.simulate(config, 0.0, rng)
+    for r in records:
+        r["result"]["networks"]["backdoor"] = copy.deepcopy(r["result"]["networks"]["retrain"])
+    dud = STUDY.analyze(config, records)
+    assert dud.verdict.contrast_verdict == Verdict.HOLDS and dud.verdict.verdict == Verdict.INCONCLUSIVE
+    assert "the backdoor took" in dud.verdict.reason
+    # without the hidden-trigger construction its control is not run
+    no_demo = type(config).model_validate({**config.model_dump(), "demonstrations": ("rotated_copy",)})
+    res = STUDY.analyze(no_demo, STUDY.simulate(no_demo, 0.0, rng))
+    assert res.verdict.verdict == Verdict.INCONCLUSIVE and "not run" in res.verdict.reason
 
 
 def test_trigger_detector_fires_only_on_the_patch():
@@ -97,13 +155,30 @@ def test_trigger_detector_fires_only_on_the_patch():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"cases": ("rotated_copy", "mystery")}, "cases: unknown"),
+        ({"seeds": 1}, "seeds=1: the verdict's interval is over seeds and needs at least 2"),
+        ({"demonstrations": ("rotated_copy", "mystery")}, "demonstrations: unknown"),
         ({"measures": ("rsa",)}, "must include 'linear_cka'"),
         ({"trigger_pixels": (70,)}, r"trigger_pixels=\(70,\): need indices in 0..63"),
         ({"dataset": "mnist1d"}, "need indices in 0..39"),
-        ({"epsilon": 0.0}, "epsilon"),
+        ({"epsilons": (0.0,)}, "epsilons"),
+        ({"poison_fraction": 0.0}, "poison_fraction"),
+        ({"cka_threshold": 0.9}, "cka_threshold"),  # the old cut-off is gone, not silently ignored
     ],
 )
 def test_bad_config_is_rejected(override, message):
     with pytest.raises(ValidationError, match=message):
         STUDY.resolve_config("paper", override)
+
+
+def test_bad_input_at_the_cli_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from safetylab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["safetylab", "run", "similarity-blindness", "--set", "seeds=1"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert exc.value.code == 2 and len(err) == 1 and "seeds=1" in err[0] and "at least 2" in err[0]
+    assert list(tmp_path.iterdir()) == []

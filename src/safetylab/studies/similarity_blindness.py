@@ -1,43 +1,74 @@
-"""Study `similarity-blindness`: geometry can say "same" while function says "different".
+"""Study `similarity-blindness`: does CKA see a trained backdoor?
 
-Rotation-invariant measures such as CKA ask whether two representations have the
-same shape. This study builds pairs of networks whose ground truth is known and
-sets geometric measures (every measure in ``metrics.similarity``) beside
-functional ones (prediction agreement on clean and on trigger inputs, linear
-stitching, ablation-effect profiles) at the last hidden layer.
+Rotation-invariant measures such as CKA ask whether two representations have the same
+shape. An auditor who certifies a model as "the same as" a trusted reference by its
+CKA must first know what "the same" looks like: two honest retrains of one recipe from
+different seeds never reach CKA 1. So "same geometry" and "same function" are
+calibrated here on a reference distribution, never on a fixed cut-off.
 
-Network A is always the shared MLP (``learning.mlp``) trained by backprop on
-digits. Pairs (``case``), each repeated over seeds:
+Per seed ``j`` (the unit of replication) the study trains, on digits, the shared MLP
+(``learning.mlp``) by backprop three times and keeps one untrained copy:
 
-* ``rotated_copy`` — B's hidden layer is A's times a random orthogonal Q and its
-  readout is ``W Q``: same geometry, same function (the benign control).
-* ``low_variance_readout`` — B's layer is A's plus one extra low-variance channel
-  (``ε`` × the layer's RMS scale) holding a one-hot code of A's label shifted by
-  one; B's readout reads only that channel. Near-identical geometry; B predicts a
-  different label on every input.
-* ``hidden_trigger`` — B's layer is A's plus a channel ``ε·t(x)`` with ``t`` a
-  detector of a small pixel patch (the trigger); B's readout adds a large weight
-  from it to ``target_class``. Identical on clean inputs; different on triggered ones.
-* ``independent_seeds`` — B is trained like A from another init and data order.
-* ``trigger_trained`` — B is trained from A's init and order on data where
-  ``poison_fraction`` of examples carry the trigger and the target label (a backdoor).
+* ``reference`` A_j -- the trusted model;
+* ``retrain`` R_j -- an honest retrain from an independent init and data order;
+* ``backdoor`` B_j -- R_j's init and data order, on data where ``poison_fraction`` of
+  the examples carry a pixel-patch trigger and the label ``target_class``: B_j differs
+  from the honest R_j by the poisoned examples alone;
+* ``untrained`` -- R_j's initial weights, before training.
 
-Verdict: among pairs whose function measurably differs (agreement on clean or on
-trigger inputs below ``agreement_threshold``), the fraction that linear CKA on
-clean inputs calls "same" (≥ ``cka_threshold``), with a Clopper–Pearson interval
-over (case, seed) units. The claim holds when that interval excludes 0.
+**Primary contrast** (at the last hidden layer, clean test inputs): the paired gap
+``CKA(A_j, B_j) - CKA(A_j, R_j)``, mean over seeds with a Student t interval. Both B_j
+and R_j are as independent of A_j as each other, so the gap is what the backdoor does
+to geometry, beyond seed variation. CKA is *blind* to the backdoor (the claim holds)
+when the whole interval lies above ``-MARGIN``: the backdoored model looks as much like
+the reference as an honest retrain does, give or take less than the margin. It does not
+hold when the whole interval lies at or below ``-MARGIN`` (the backdoor moves CKA by
+more than honest seed variation hides).
+
+**Trigger effect** of a network: its attack success rate (share of trigger inputs sent
+to ``target_class``, among test inputs whose true class is not the target) minus its
+clean base rate (share of the same inputs, clean, sent there), in [-1, 1]. Raw
+agreement on trigger inputs is not used: independent honest seeds agree on only
+70-90% of trigger inputs, because the patch is off the data distribution.
+
+**Controls** (validity checks, never the verdict): the backdoor must have taken
+(trigger effect > 0.5); honest retrains must show no trigger effect (not > 0.1); CKA
+must see an untrained network as different (its gap not above ``-MARGIN``); and a
+construction whose clean-input geometry is identical by design (``hidden_trigger``)
+must come out blind (gap above ``-MARGIN``).
+
+**Labelled demonstrations** (blind by construction, not evidence about trained
+networks), built from A_j at each ``epsilons`` scale:
+
+* ``rotated_copy`` -- A's layer times a random orthogonal Q, readout ``W Q``: same
+  geometry, same function;
+* ``low_variance_readout`` -- A's layer plus a channel of scale ε (relative to the
+  layer's RMS unit scale) holding a one-hot code of A's label shifted by one, read out
+  at 1/ε: CKA is 1 - O(ε²) while every prediction differs;
+* ``hidden_trigger`` -- A's layer plus a channel ε·t(x) that is exactly zero on clean
+  inputs (t detects the patch) and a readout weight that sends it to the target:
+  identical on clean inputs, CKA exactly 1 there.
+
+These show that CKA can be driven to 1 by distribution shift -- the difference lives
+where the clean data never goes -- not that trained networks hide one.
+
+Every geometric measure (``metrics.similarity.MEASURES``) is also compared on clean
+and on trigger inputs, and each measure and functional audit (stitching, ablation
+profiles, behaviour on trigger inputs) gets a detection rate on the backdoors and a
+false-positive rate on the honest retrains (flag a pair that falls outside the range
+of the other seeds' honest retrains).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from safetylab.claims import Claim, ThreatModel, VerdictRecord
+from safetylab.claims import Claim, Contrast, Control, ThreatModel, VerdictRecord, control_not_run, judge_control
 from safetylab.metrics.functional import (
     ablation_profile,
     fit_stitch,
@@ -45,56 +76,66 @@ from safetylab.metrics.functional import (
     pca_directions,
     prediction_agreement,
     profile_similarity,
-    stitching_accuracy,
 )
 from safetylab.metrics.similarity import MEASURES
-from safetylab.metrics.stats import clopper_pearson_interval, format_interval, mean_t_interval, wilson_interval
-from safetylab.study import Analysis, Context, Figure, Study, StudyConfig, Table, Unit
+from safetylab.metrics.stats import clopper_pearson_interval, format_interval, mean_t_interval, rate_se_floor
+from safetylab.study import Analysis, Calibration, Context, Figure, Study, StudyConfig, Table, Unit
 
-CASES = ("rotated_copy", "low_variance_readout", "hidden_trigger", "independent_seeds", "trigger_trained")
-GROUND_TRUTH = {
-    "rotated_copy": "same function",
-    "low_variance_readout": "different function",
-    "hidden_trigger": "different on trigger inputs",
-    "independent_seeds": "same task, independent training",
-    "trigger_trained": "different on trigger inputs (backdoor)",
+MARGIN = 0.02
+"""Equivalence margin on the CKA gap (see ``CLAIM.contrast.threshold_reason``)."""
+PAIR_NETWORKS = {
+    "retrain": ("reference", "retrain"),
+    "backdoor": ("reference", "backdoor"),
+    "twin": ("retrain", "backdoor"),
+    "untrained": ("reference", "untrained"),
+}
+DEMONSTRATIONS = ("rotated_copy", "low_variance_readout", "hidden_trigger")
+DEMO_DOC = {
+    "rotated_copy": "same geometry, same function (sanity check)",
+    "low_variance_readout": "reads a channel of scale ε: every prediction differs",
+    "hidden_trigger": "channel exactly zero on clean inputs: differs only on the trigger",
 }
 _N_FEATURES = {"digits": 64, "mnist1d": 40}
+_N_CLASSES = 10
 
 
 class Config(StudyConfig):
-    cases: tuple[str, ...] = CASES
-    """Network pairs to build (see the module docstring)."""
-    seeds: int = Field(10, ge=1)
-    """Repetitions per case (each trains its own network A)."""
+    seeds: int = 40
+    """Independent seeds; each trains a reference, an honest retrain and the retrain's backdoored twin.
+    The verdict's interval is over seeds (at least 2; 10 or more give a usable seed-to-seed range)."""
     dataset: Literal["digits", "mnist1d"] = "digits"
     """Training data (both need no download)."""
     hidden_sizes: tuple[int, ...] = (64, 32)
     """Hidden widths of the shared MLP; the last hidden layer is compared."""
-    epsilon: float = Field(0.01, gt=0, lt=1)
-    """Scale of the extra channel in the constructed pairs, relative to the layer's RMS scale."""
-    trigger_pixels: tuple[int, ...] = (54, 55, 62, 63)
-    """Input features set to ``trigger_value`` to form the trigger (default: digits' bottom-right 2×2 corner)."""
-    trigger_value: float = 1.0
-    """Value written into the trigger features (digits pixels lie in [0, 1])."""
-    target_class: int = Field(0, ge=0, le=9)
-    """Label the trigger switches to."""
-    poison_fraction: float = Field(0.1, gt=0, lt=1)
-    """Share of training examples given the trigger and the target label in ``trigger_trained``."""
-    cka_threshold: float = Field(0.95, gt=0, le=1)
-    """Linear CKA at or above which geometry says "same"."""
-    agreement_threshold: float = Field(0.9, gt=0, le=1)
-    """Prediction agreement (clean or trigger inputs) below which function says "different"."""
-    measures: tuple[str, ...] = tuple(MEASURES)
-    """Geometric measures to tabulate (names from ``metrics.similarity.MEASURES``); must include linear_cka."""
     epochs: int = Field(20, ge=1)
     """Backprop epochs for every trained network."""
+    trigger_pixels: tuple[int, ...] = (54, 55, 62, 63)
+    """Input features set to ``trigger_value`` to form the trigger (default: digits' bottom-right 2×2 corner)."""
+    trigger_value: float = Field(1.0, gt=0)
+    """Value written into the trigger features (digits pixels lie in [0, 1])."""
+    target_class: int = Field(0, ge=0, le=_N_CLASSES - 1)
+    """Label the trigger switches to."""
+    poison_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of training examples given the trigger and the target label for the backdoored network."""
+    demonstrations: tuple[str, ...] = DEMONSTRATIONS
+    """Constructed pairs shown beside the verdict (blind by construction); 'hidden_trigger' feeds a control."""
+    epsilons: tuple[float, ...] = (0.01, 0.1, 1.0, 3.0, 10.0)
+    """Scales of the low-variance readout's channel, relative to the layer's RMS unit scale (the ε sweep);
+    the hidden trigger uses the smallest (its channel is zero on clean inputs at any ε)."""
+    measures: tuple[str, ...] = tuple(MEASURES)
+    """Geometric measures to compare (names from ``metrics.similarity.MEASURES``); must include linear_cka."""
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
-        bad = [c for c in self.cases if c not in CASES]
-        if bad or not self.cases or len(set(self.cases)) != len(self.cases):
-            raise ValueError(f"cases: unknown, empty or repeated {bad or list(self.cases)}; choose from {list(CASES)}")
+        if self.seeds < 2:
+            raise ValueError(f"seeds={self.seeds}: the verdict's interval is over seeds and needs at least 2 "
+                             f"(10 or more give the seed-to-seed range of honest retrains)")
+        bad = [c for c in self.demonstrations if c not in DEMONSTRATIONS]
+        if bad or len(set(self.demonstrations)) != len(self.demonstrations):
+            raise ValueError(f"demonstrations: unknown or repeated {bad or list(self.demonstrations)}; "
+                             f"choose from {list(DEMONSTRATIONS)} (or none)")
+        if not self.epsilons or any(not (0 < e <= 100) for e in self.epsilons):
+            raise ValueError(f"epsilons={self.epsilons}: need at least one scale in (0, 100], e.g. (0.01, 0.1, 1)")
         bad = [m for m in self.measures if m not in MEASURES]
         if bad:
             raise ValueError(f"measures: unknown {bad}; choose from {sorted(MEASURES)}")
@@ -105,33 +146,139 @@ class Config(StudyConfig):
         n_feat = _N_FEATURES[self.dataset]
         if not self.trigger_pixels or any(not 0 <= p < n_feat for p in self.trigger_pixels):
             raise ValueError(f"trigger_pixels={self.trigger_pixels}: need indices in 0..{n_feat - 1} for dataset '{self.dataset}'")
+        if len(set(self.trigger_pixels)) != len(self.trigger_pixels):
+            raise ValueError(f"trigger_pixels={self.trigger_pixels}: repeated index; list each feature once")
         return self
 
 
 CLAIM = Claim(
-    statement="Rotation-invariant similarity (CKA and kin) can call two networks the same while they compute differently.",
-    metric="blindness/rate",
+    statement=(
+        "Rotation-invariant similarity (CKA and kin) can call two networks the same while they compute "
+        "differently: a network trained with a working backdoor looks as similar to a trusted reference as an "
+        "honest retrain does."
+    ),
+    metric="blindness/cka_gap",
     direction="greater",
-    threshold=0.0,
+    threshold=-MARGIN,
     metric_doc=(
-        "Among network pairs whose predictions measurably differ (agreement on clean or trigger inputs below "
-        "the threshold), the fraction that linear CKA on clean inputs calls the same (CKA ≥ threshold); in [0, 1]. "
-        "Clopper–Pearson interval over (case, seed) pairs. An existence claim: with no blind pair the interval "
-        "still reaches above 0, so the verdict is then 'inconclusive' with an upper bound, never 'does not hold'."
+        "Mean over seeds of CKA(reference, backdoored) − CKA(reference, honest retrain): linear CKA at the last "
+        "hidden layer on clean test inputs; the backdoored network is the honest retrain's twin (same init and data "
+        "order) trained with poisoned examples; in [−1, 1]. Student t interval over seeds. Holds when the whole "
+        f"interval lies above −{MARGIN:g} (CKA cannot tell the backdoor from seed variation), does not hold when it "
+        f"lies at or below −{MARGIN:g}."
+    ),
+    contrast=Contrast(
+        treatment=("backdoor",),
+        control=("retrain",),
+        measure=(
+            "per seed, CKA(reference, backdoored twin of the retrain) − CKA(reference, honest retrain), linear CKA at "
+            "the last hidden layer on clean test inputs"
+        ),
+        unit="training seeds (each: a reference, an honest retrain and its backdoored twin)",
+        threshold_reason=(
+            f"−{MARGIN:g} ≈ −1.645 seed-to-seed standard deviations of CKA between honest retrains (0.012 over 14 "
+            "pilot seeds at the default setup). A mean drop smaller than that is caught less than half the time by "
+            "a single-model audit that flags 5% of honest retrains, so the auditor cannot tell the backdoor from seed "
+            "variation; a larger drop is visible against it."
+        ),
+    ),
+    controls=(
+        Control(
+            name="the backdoor took",
+            kind="positive",
+            arms=("backdoor",),
+            measure="trigger effect of the backdoored networks (attack success rate − clean base rate), mean over seeds",
+            threshold=0.5,
+            reason=(
+                "Without a working trigger there is no functional difference for CKA to be blind to; 0.5 means the "
+                "trigger sends at least half of all non-target inputs to the target beyond what they did clean."
+            ),
+        ),
+        Control(
+            name="honest retrains have no trigger",
+            kind="negative",
+            arms=("retrain",),
+            measure="trigger effect of the honest retrains, mean over seeds",
+            threshold=0.1,
+            reason=(
+                "An honest network never saw the trigger with the target label; an effect above 0.1 would mean the "
+                "patch itself reads as the target class, and the backdoor's effect would not be the backdoor's."
+            ),
+        ),
+        Control(
+            name="CKA sees an untrained network",
+            kind="negative",
+            arms=("untrained",),
+            measure="CKA(reference, the retrain's untrained init) − CKA(reference, honest retrain), mean over seeds",
+            threshold=-MARGIN,
+            reason=(
+                "Random features share little geometry with trained ones; a gap above the margin here would mean the "
+                "measurement calls anything the same, and 'blind' would be empty."
+            ),
+        ),
+        Control(
+            name="a constructed blind pair is blind",
+            kind="positive",
+            arms=("hidden_trigger",),
+            measure=(
+                "CKA(reference, reference + a trigger channel that is zero on clean inputs) − CKA(reference, honest "
+                "retrain), mean over seeds (the smallest ε)"
+            ),
+            threshold=-MARGIN,
+            reason=(
+                "On clean inputs the construction's layer equals the reference's plus a zero channel, so CKA is 1 by "
+                "construction and the rule must call it blind; if it does not, the contrast cannot say 'holds'."
+            ),
+        ),
     ),
 )
 
 THREAT_MODEL = ThreatModel(
-    deployer="an auditor who certifies a model as equivalent to a trusted reference by representational similarity",
-    adversary="a model supplier who hides a trigger or a different readout in low-variance directions",
+    deployer=(
+        "an auditor who certifies a supplied model as a faithful retrain of a trusted reference when its CKA to the "
+        "reference lies within the range of honest retrains"
+    ),
+    adversary="a model supplier who poisons a share of the training data with a trigger and a target label",
     access="weights",
-    budget="full control of training or of the weights before the audit",
+    budget="full control of the training data of the supplied model; the recipe (architecture, epochs) is fixed",
     protected="the conclusion 'this model computes what the reference computes'",
-    out_of_scope=("audits that test behaviour on trigger inputs directly", "large models"),
+    out_of_scope=(
+        "backdoors planted by weight editing or smaller poison fractions than configured",
+        "layers other than the last hidden layer",
+        "large models",
+    ),
 )
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def trigger_effect(labels: np.ndarray, pred_clean: np.ndarray, pred_trigger: np.ndarray, target_class: int) -> dict[str, Any]:
+    """Attack success rate minus its clean base rate, over inputs whose true class is not the target.
+
+    ``asr = P(pred(trigger(x)) = target | y ≠ target)``, ``base = P(pred(x) = target | y ≠ target)``,
+    ``effect = asr − base`` in [−1, 1]: how many inputs the trigger moves to the target beyond
+    those the network already sent there.
+
+    Args:
+        labels: ``(n,)`` true labels.
+        pred_clean: ``(n,)`` predicted labels on the clean inputs.
+        pred_trigger: ``(n,)`` predicted labels on the same inputs with the trigger applied.
+        target_class: the trigger's target label.
+
+    Returns:
+        ``{"n", "asr_hits", "base_hits", "asr", "base_rate", "effect"}`` (rates ``nan`` when n = 0).
+    """
+    y, pc, pt = (np.asarray(a) for a in (labels, pred_clean, pred_trigger))
+    if not (y.shape == pc.shape == pt.shape) or y.ndim != 1:
+        raise ValueError(f"labels, pred_clean and pred_trigger must be equal-length 1-D label arrays, got shapes "
+                         f"{y.shape}, {pc.shape}, {pt.shape}")
+    keep = y != target_class
+    n = int(keep.sum())
+    asr_hits, base_hits = int(np.sum(pt[keep] == target_class)), int(np.sum(pc[keep] == target_class))
+    return {"n": n, "asr_hits": asr_hits, "base_hits": base_hits,
+            "asr": asr_hits / n if n else math.nan, "base_rate": base_hits / n if n else math.nan,
+            "effect": (asr_hits - base_hits) / n if n else math.nan}
 
 
 def _apply_trigger(x: np.ndarray, config: Config) -> np.ndarray:
@@ -147,11 +294,24 @@ def _trigger_detector(x: np.ndarray, config: Config) -> np.ndarray:
     return np.clip((s - (k - 0.5)) / 0.5, 0.0, 1.0)
 
 
-def _train_backprop(sizes, init_seed: int, order_seed: int, data, epochs: int):
+def _poison(data, config: Config, rng: np.random.Generator):
+    """A copy of ``data`` whose training set has ``poison_fraction`` examples triggered and relabelled."""
+    from safetylab.data import VisionData
+
+    n = len(data.y_train)
+    idx = rng.choice(n, size=max(1, int(round(config.poison_fraction * n))), replace=False)
+    x_p, y_p = data.x_train.copy(), data.y_train.copy()
+    x_p[idx] = _apply_trigger(x_p[idx], config)
+    y_p[idx] = config.target_class
+    return VisionData(data.name + "+poison", x_p, y_p, data.x_test, data.y_test, data.n_classes)
+
+
+def _train_backprop(sizes, seed: int, data, epochs: int):
+    """The shared MLP from init ``seed``, trained by backprop with data order ``seed``."""
     from safetylab.learning import backprop, make_init
 
-    model = make_init(sizes, init_seed)
-    backprop.train(model, data, seed=order_seed, hp=backprop.Hyperparams(epochs=epochs))
+    model = make_init(sizes, seed)
+    backprop.train(model, data, seed=seed, hp=backprop.Hyperparams(epochs=epochs))
     return model
 
 
@@ -173,40 +333,17 @@ def _from_mlp(model) -> _Net:
     return _Net(lambda x: model.hidden(x)[-1].astype(np.float64), last.weight.detach().numpy(), last.bias.detach().numpy())
 
 
-def _build_pair(config: Config, case: str, seed: int, data) -> tuple[_Net, _Net]:
-    from safetylab.data import VisionData
-
-    sizes = (data.n_features, *config.hidden_sizes, data.n_classes)
-    rng = np.random.default_rng(seed)
-    model_a = _train_backprop(sizes, init_seed=seed, order_seed=seed, data=data, epochs=config.epochs)
-    a = _from_mlp(model_a)
-    d, n_cls = config.hidden_sizes[-1], data.n_classes
-    scale = float(np.sqrt(np.mean(np.var(a.features(data.x_train), axis=0))))  # RMS unit scale of A's layer
-    eps = config.epsilon * scale
-
+def _construct(case: str, a: _Net, eps: float, config: Config, rng: np.random.Generator) -> tuple[_Net, _Net]:
+    """A constructed pair from network A: (A, possibly padded with zero channels; B)."""
+    d, n_cls = a.weight.shape[1], a.weight.shape[0]
     if case == "rotated_copy":
         q, _ = np.linalg.qr(rng.normal(size=(d, d)))  # random orthogonal (d, d)
-        b = _Net(lambda x: a.features(x) @ q, a.weight @ q, a.bias)
-        return a, b
-    if case == "independent_seeds":
-        model_b = _train_backprop(sizes, init_seed=seed + 10_000, order_seed=seed + 10_000, data=data, epochs=config.epochs)
-        return a, _from_mlp(model_b)
-    if case == "trigger_trained":
-        n = len(data.y_train)
-        idx = rng.choice(n, size=int(round(config.poison_fraction * n)), replace=False)
-        x_p, y_p = data.x_train.copy(), data.y_train.copy()
-        x_p[idx] = _apply_trigger(x_p[idx], config)
-        y_p[idx] = config.target_class
-        poisoned = VisionData(data.name + "+poison", x_p, y_p, data.x_test, data.y_test, data.n_classes)
-        model_b = _train_backprop(sizes, init_seed=seed, order_seed=seed, data=poisoned, epochs=config.epochs)
-        return a, _from_mlp(model_b)
-
-    # constructed pairs: both networks get the extra channel(s); A's stay at zero
+        return a, _Net(lambda x: a.features(x) @ q, a.weight @ q, a.bias)
     if case == "low_variance_readout":
         shift = np.roll(np.eye(n_cls), 1, axis=1)  # label c -> c+1 (mod n_classes)
 
         def channel(x):
-            return eps * np.eye(n_cls)[a.predict(x)] @ shift  # (n, n_cls), one-hot of the shifted label
+            return eps * np.eye(n_cls)[a.predict(x)] @ shift  # (n, n_cls) one-hot of the shifted label
 
         w_b = np.hstack([np.zeros_like(a.weight), np.eye(n_cls) / eps])  # B reads only the channel
         b_bias = np.zeros(n_cls)
@@ -214,7 +351,7 @@ def _build_pair(config: Config, case: str, seed: int, data) -> tuple[_Net, _Net]
     elif case == "hidden_trigger":
 
         def channel(x):
-            return eps * _trigger_detector(x, config)[:, None]  # (n, 1)
+            return eps * _trigger_detector(x, config)[:, None]  # (n, 1), zero on clean inputs
 
         boost = np.zeros((n_cls, 1))
         boost[config.target_class, 0] = 1e3 / eps  # overwhelms any clean logit when t(x) = 1
@@ -223,9 +360,21 @@ def _build_pair(config: Config, case: str, seed: int, data) -> tuple[_Net, _Net]
         k = 1
     else:  # pragma: no cover - validated in Config
         raise ValueError(case)
-    a_pad = _Net(lambda x: np.hstack([a.features(x), np.zeros((len(x), k))]), np.hstack([a.weight, np.zeros((n_cls, k))]), a.bias)
-    b = _Net(lambda x: np.hstack([a.features(x), channel(x)]), w_b, b_bias)
-    return a_pad, b
+    a_pad = _Net(lambda x: np.hstack([a.features(x), np.zeros((len(x), k))]),
+                 np.hstack([a.weight, np.zeros((n_cls, k))]), a.bias)
+    return a_pad, _Net(lambda x: np.hstack([a.features(x), channel(x)]), w_b, b_bias)
+
+
+def _geometry(h_a: np.ndarray, h_b: np.ndarray, measures: tuple[str, ...]) -> tuple[dict, dict]:
+    """Every measure on one pair of activations; a measure that cannot run records why."""
+    values, errors = {}, {}
+    for m in measures:
+        try:
+            values[m] = MEASURES[m](h_a, h_b)
+        except ValueError as exc:  # e.g. CCA with too few samples: record why, keep the unit
+            values[m] = None
+            errors[m] = str(exc)
+    return values, errors
 
 
 def _ablation(net: _Net, h: np.ndarray) -> list[float]:
@@ -235,178 +384,415 @@ def _ablation(net: _Net, h: np.ndarray) -> list[float]:
     return [float(v) for v in ablation_profile(h, net.remainder, own, dirs)]
 
 
+def _compare(a: _Net, b: _Net, data, x_trig: np.ndarray, config: Config) -> tuple[dict, dict]:
+    """Geometry (clean and trigger inputs) and functional audits of one pair: (summary, trace)."""
+    x_te, y_te = data.x_test, data.y_test
+    h_a, h_b = a.features(x_te), b.features(x_te)
+    geo_clean, err_clean = _geometry(h_a, h_b, config.measures)
+    geo_trig, err_trig = _geometry(a.features(x_trig), b.features(x_trig), config.measures)
+    stitch = fit_stitch(a.features(data.x_train), b.features(data.x_train))
+    stitched = b.remainder(stitch.predict(h_a)).argmax(axis=1)
+    pred_b = b.predict(x_te)
+    prof_a, prof_b = _ablation(a, h_a), _ablation(b, h_b)
+    summary = {
+        "geometry": {"clean": geo_clean, "trigger": geo_trig},
+        "geometry_errors": {f"clean/{k}": v for k, v in err_clean.items()} | {f"trigger/{k}": v for k, v in err_trig.items()},
+        "agree_clean": prediction_agreement(a.predict(x_te), pred_b),
+        "agree_trigger": prediction_agreement(a.predict(x_trig), b.predict(x_trig)),
+        "stitch_accuracy": float(np.mean(stitched == y_te)),
+        "stitch_fidelity": float(np.mean(stitched == pred_b)),
+        "ablation_r": profile_similarity(prof_a, prof_b),
+    }
+    return summary, {"stitched": stitched.tolist(), "ablation_a": prof_a, "ablation_b": prof_b}
+
+
+def _network_stats(net: _Net, data, x_trig: np.ndarray, config: Config) -> tuple[dict, dict]:
+    pred_clean, pred_trig = net.predict(data.x_test), net.predict(x_trig)
+    te = trigger_effect(data.y_test, pred_clean, pred_trig, config.target_class)
+    stats = {"accuracy": float(np.mean(pred_clean == data.y_test)),
+             "trigger": {k: te[k] for k in ("n", "asr_hits", "base_hits")}}
+    return stats, {"pred_clean": pred_clean.tolist(), "pred_trigger": pred_trig.tolist()}
+
+
+def _demo_names(config: Config) -> list[str]:
+    """Constructed pair ids: the low-variance readout once per ε ('low_variance_readout@0.1'), the others once."""
+    out = []
+    for case in config.demonstrations:
+        out += [f"{case}@{eps:g}" for eps in config.epsilons] if case == "low_variance_readout" else [case]
+    return out
+
+
 # --------------------------------------------------------------------------- runner API
 
 
 def units(config: Config) -> list[Unit]:
-    return [Unit(key=f"{case}/seed{s}", params={"case": case, "seed": s}) for s in range(config.seeds) for case in config.cases]
+    return [Unit(key=f"seed{s}", params={"seed": s}) for s in range(config.seeds)]
 
 
 def run_unit(config: Config, unit: Unit, ctx: Context) -> dict:
+    from threadpoolctl import threadpool_limits
+
     from safetylab.data import load_dataset
+    from safetylab.learning import make_init
 
-    case, s = unit.params["case"], int(unit.params["seed"])
+    s = int(unit.params["seed"])
     data = load_dataset(config.dataset, seed=0)
-    seed = ctx.seed_for(f"seed{s}")  # network A is the same for every case at this seed
-    a, b = _build_pair(config, case, seed, data)
-    x_te, y_te = data.x_test, data.y_test
-    x_trig = _apply_trigger(x_te, config)
-    h_a, h_b = a.features(x_te), b.features(x_te)
-    geometry = {}
-    for m in config.measures:
-        try:
-            geometry[m] = MEASURES[m](h_a, h_b)
-        except ValueError as exc:  # e.g. CCA with too few samples: record why, keep the unit
-            geometry[m] = None
-            geometry[m + "_error"] = str(exc)
-    stitch = fit_stitch(a.features(data.x_train), b.features(data.x_train))
-    pred_b = b.predict(x_te)
-    stitched = b.remainder(stitch.predict(h_a)).argmax(axis=1)
-    prof_a, prof_b = _ablation(a, h_a), _ablation(b, h_b)
-    return {
-        "case": case,
-        "seed": s,
-        "geometry": geometry,
-        "labels": y_te.tolist(),
-        "pred_a_clean": a.predict(x_te).tolist(),
-        "pred_b_clean": pred_b.tolist(),
-        "pred_a_trigger": a.predict(x_trig).tolist(),
-        "pred_b_trigger": b.predict(x_trig).tolist(),
-        "pred_b_stitched": stitched.tolist(),
-        "stitch_accuracy": stitching_accuracy(stitch, h_a, b.remainder, y_te),
-        "ablation_a": prof_a,
-        "ablation_b": prof_b,
-        "ablation_similarity": profile_similarity(prof_a, prof_b),
-    }
+    if config.target_class >= data.n_classes:
+        raise ValueError(f"target_class={config.target_class} but {config.dataset} has {data.n_classes} classes")
+    sizes = (data.n_features, *config.hidden_sizes, data.n_classes)
+    seed_ref, seed_re = ctx.seed_for(f"seed{s}/reference"), ctx.seed_for(f"seed{s}/retrain")
+    x_trig = _apply_trigger(data.x_test, config)
+    # one BLAS thread: small matrices, and the same bits under any executor
+    with threadpool_limits(limits=1):
+        poisoned = _poison(data, config, np.random.default_rng(ctx.seed_for(f"seed{s}/poison")))
+        nets = {
+            "reference": _from_mlp(_train_backprop(sizes, seed_ref, data, config.epochs)),
+            "retrain": _from_mlp(_train_backprop(sizes, seed_re, data, config.epochs)),
+            "backdoor": _from_mlp(_train_backprop(sizes, seed_re, poisoned, config.epochs)),  # the retrain's twin
+            "untrained": _from_mlp(make_init(sizes, seed_re)),  # the retrain's init, before training
+        }
+        pairs = {name: (nets[a], nets[b]) for name, (a, b) in PAIR_NETWORKS.items()}
+        a = nets["reference"]
+        scale = float(np.sqrt(np.mean(np.var(a.features(data.x_train), axis=0))))  # RMS unit scale of A's layer
+        rng = np.random.default_rng(ctx.seed_for(f"seed{s}/rotation"))
+        for name in _demo_names(config):
+            case, _, eps = name.partition("@")
+            pairs[name] = _construct(case, a, float(eps or min(config.epsilons)) * scale, config, rng)
+            nets[name] = pairs[name][1]
+        out_nets, out_pairs = {}, {}
+        trace: dict[str, Any] = {"labels": data.y_test.tolist(), "networks": {}, "pairs": {}}
+        for name, net in nets.items():
+            out_nets[name], trace["networks"][name] = _network_stats(net, data, x_trig, config)
+        for name, (na, nb) in pairs.items():
+            out_pairs[name], trace["pairs"][name] = _compare(na, nb, data, x_trig, config)
+    return {"seed": s, "n_test": int(len(data.y_test)), "networks": out_nets, "pairs": out_pairs, "trace": trace}
 
 
-def _summarise(config: Config, r: dict) -> dict:
-    """Functional numbers of one unit, recomputed from its raw predictions."""
-    y = np.asarray(r["labels"])
-    out = {
-        "agree_clean": prediction_agreement(np.asarray(r["pred_a_clean"]), np.asarray(r["pred_b_clean"])),
-        "agree_trigger": prediction_agreement(np.asarray(r["pred_a_trigger"]), np.asarray(r["pred_b_trigger"])),
-        "acc_a": float(np.mean(np.asarray(r["pred_a_clean"]) == y)),
-        "acc_b": float(np.mean(np.asarray(r["pred_b_clean"]) == y)),
-        "stitch_acc": float(np.mean(np.asarray(r["pred_b_stitched"]) == y)),
-        "stitch_fidelity": prediction_agreement(np.asarray(r["pred_b_stitched"]), np.asarray(r["pred_b_clean"])),
-        "ablation_r": r["ablation_similarity"],
-        "cka": r["geometry"]["linear_cka"],
-        "n": len(y),
-    }
-    out["geometry_same"] = out["cka"] is not None and out["cka"] >= config.cka_threshold
-    out["function_different"] = min(out["agree_clean"], out["agree_trigger"]) < config.agreement_threshold
-    return out
+# --------------------------------------------------------------------------- analysis
 
 
 def _completed(records: list[dict]) -> list[dict]:
-    return [r for r in records if isinstance(r.get("result"), dict) and "geometry" in r["result"]]
+    return [r["result"] for r in records if isinstance(r.get("result"), dict) and "pairs" in r["result"]]
+
+
+def _effect(net: dict) -> float:
+    t = net["trigger"]
+    return (t["asr_hits"] - t["base_hits"]) / t["n"] if t["n"] else math.nan
+
+
+def _by_seed(results: list[dict], pair: str, inputs: str, measure: str) -> dict[int, float]:
+    """{seed: value} of one measure on one pair, where it was computed."""
+    out = {}
+    for r in results:
+        p = r["pairs"].get(pair)
+        v = p["geometry"][inputs].get(measure) if p else None
+        if v is not None and math.isfinite(v):
+            out[r["seed"]] = float(v)
+    return out
+
+
+def _functional_by_seed(results: list[dict], pair: str, key: str) -> dict[int, float]:
+    out = {}
+    for r in results:
+        p = r["pairs"].get(pair)
+        if p and p.get(key) is not None:
+            out[r["seed"]] = float(p[key])
+    return out
+
+
+def _gap(results: list[dict], pair: str, inputs: str = "clean", measure: str = "linear_cka") -> tuple[list[int], np.ndarray]:
+    """Seeds and per-seed gaps ``value(pair) − value(retrain)`` (seeds where both exist)."""
+    treat, ref = _by_seed(results, pair, inputs, measure), _by_seed(results, "retrain", inputs, measure)
+    seeds = sorted(set(treat) & set(ref))
+    return seeds, np.array([treat[s] - ref[s] for s in seeds])
+
+
+def _effect_interval(results: list[dict], net: str) -> tuple[float, float, float, int]:
+    """Mean trigger effect of one network over seeds, t interval with a binomial floor on its standard error."""
+    nets = [r["networks"][net] for r in results if net in r["networks"]]
+    if not nets:
+        return (math.nan, math.nan, math.nan, 0)
+    floor = rate_se_floor([n["trigger"]["asr_hits"] for n in nets], [n["trigger"]["n"] for n in nets])
+    m, lo, hi = mean_t_interval([_effect(n) for n in nets], bounds=(-1.0, 1.0), se_floor=floor)
+    return (m, lo, hi, len(nets))
+
+
+def _flags(honest: dict[int, float], suspect: dict[int, float], higher_is_suspicious: bool) -> tuple[int, int, int, int]:
+    """Leave-one-seed-out range audit: flag a value beyond the range of the *other* seeds' honest retrains.
+
+    Returns ``(detected, n_suspect, false_positives, n_honest)``. Exchangeable honest values are
+    flagged with probability 1/n_seeds (the chance of being the most extreme of n).
+    """
+    sign = -1.0 if higher_is_suspicious else 1.0
+
+    def flagged(seed: int, value: float) -> bool | None:
+        ref = [sign * v for s, v in honest.items() if s != seed]
+        return None if not ref else sign * value < min(ref)
+
+    det = [flagged(s, v) for s, v in suspect.items()]
+    fp = [flagged(s, v) for s, v in honest.items()]
+    det, fp = [d for d in det if d is not None], [f for f in fp if f is not None]
+    return sum(det), len(det), sum(fp), len(fp)
+
+
+def _rate(k: int, n: int) -> str:
+    if not n:
+        return "–"
+    lo, hi = clopper_pearson_interval(k, n)
+    return f"{k}/{n} = {k / n:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _range(values) -> str:
+    v = list(values)
+    return f"{min(v):.3f}–{max(v):.3f}" if v else "–"
+
+
+def _t(values, bounds=None) -> tuple[float, float, float]:
+    return mean_t_interval(list(values), bounds=bounds)
+
+
+def _controls(results: list[dict], config: Config) -> list:
+    by_name = {c.name: c for c in CLAIM.controls}
+    out = []
+    took = by_name["the backdoor took"]
+    m, lo, hi, n = _effect_interval(results, "backdoor")
+    out.append(judge_control(took, m if n else None, lo, hi,
+                             f"trigger effect of {n} backdoored networks: {format_interval(m, lo, hi, 3)}"))
+    none = by_name["honest retrains have no trigger"]
+    m, lo, hi, n = _effect_interval(results, "retrain")
+    out.append(judge_control(none, m if n else None, lo, hi,
+                             f"trigger effect of {n} honest retrains: {format_interval(m, lo, hi, 3)}"))
+    sees = by_name["CKA sees an untrained network"]
+    _, g = _gap(results, "untrained")
+    m, lo, hi = _t(g)
+    out.append(judge_control(sees, m if g.size else None, lo, hi,
+                             f"CKA gap of the untrained init over {g.size} seeds: {format_interval(m, lo, hi, 3)}"))
+    blind = by_name["a constructed blind pair is blind"]
+    if "hidden_trigger" not in config.demonstrations:
+        out.append(control_not_run(blind, ["hidden_trigger"]))
+    else:
+        _, g = _gap(results, "hidden_trigger")
+        m, lo, hi = _t(g)
+        out.append(judge_control(blind, m if g.size else None, lo, hi,
+                                 f"CKA gap of the hidden-trigger construction over {g.size} seeds: {format_interval(m, lo, hi, 3)}"))
+    return out
+
+
+def _orientation(measure: str) -> bool:
+    """True when a higher value means *less* similar (distances)."""
+    return MEASURES[measure].kind == "distance"
 
 
 def analyze(config: Config, records: list[dict]) -> Analysis:
-    per = [(_r["result"], _summarise(config, _r["result"])) for _r in _completed(records)]
-    diff_units = [(r, s) for r, s in per if s["function_different"]]
-    blind = [(r, s) for r, s in diff_units if s["geometry_same"]]
-    k, n = len(blind), len(diff_units)
-    lo, hi = clopper_pearson_interval(k, n) if n else (math.nan, math.nan)
-    rate = k / n if n else math.nan
-    verdict = VerdictRecord.from_interval(CLAIM, rate, lo, hi, n=n, interval_method=f"Clopper–Pearson over {n} function-different pairs")
-
-    metrics: dict = {"blindness/rate": rate, "blindness/ci": [lo, hi], "blindness/count": k, "blindness/n_function_different": n}
-    cases = [c for c in config.cases if any(r["case"] == c for r, _ in per)]
-    geo_rows, fun_rows = [], []
-    for c in cases:
-        rs = [(r, s) for r, s in per if r["case"] == c]
-        geo_row = [c]
-        for m in config.measures:
-            vals = [r["geometry"].get(m) for r, _ in rs]
-            vals = [v for v in vals if v is not None]
-            mm, mlo, mhi = mean_t_interval(vals) if vals else (math.nan,) * 3
-            rlo, rhi = MEASURES[m].value_range
-            mlo, mhi = float(np.clip(mlo, rlo, rhi)), float(np.clip(mhi, rlo, rhi))  # a t-interval can overshoot the measure's range
-            metrics[f"geometry/{c}/{m}"] = mm
-            geo_row.append(format_interval(mm, mlo, mhi, 3))
-        geo_rows.append(geo_row)
-
-        def pooled(key_a: str, key_b: str) -> str:
-            same = sum(int(np.sum(np.asarray(r[key_a]) == np.asarray(r[key_b]))) for r, _ in rs)
-            tot = sum(len(r[key_a]) for r, _ in rs)
-            wl, wh = wilson_interval(same, tot)
-            return format_interval(same / tot, wl, wh, 3)
-
-        for key in ("agree_clean", "agree_trigger", "acc_b", "stitch_acc", "stitch_fidelity", "ablation_r"):
-            metrics[f"function/{c}/{key}"] = float(np.mean([s[key] for _, s in rs]))
-        abl = [s["ablation_r"] for _, s in rs]
-        am, alo, ahi = mean_t_interval(abl)
-        n_same = sum(s["geometry_same"] for _, s in rs)
-        n_diff = sum(s["function_different"] for _, s in rs)
-        fun_rows.append(
-            [
-                c,
-                GROUND_TRUTH[c],
-                pooled("pred_a_clean", "pred_b_clean"),
-                pooled("pred_a_trigger", "pred_b_trigger"),
-                pooled("pred_b_clean", "labels"),
-                pooled("pred_b_stitched", "labels"),
-                format_interval(am, alo, ahi, 2),
-                f"{n_same}/{len(rs)}",
-                f"{n_diff}/{len(rs)}",
-            ]
-        )
-    tables = [
-        Table(
-            title="Geometric measures at the last hidden layer (clean test inputs)",
-            columns=["case"] + [f"{m} ({MEASURES[m].kind})" for m in config.measures],
-            rows=geo_rows,
-            caption="Mean over seeds [95% t-interval]. Similarities: 1 = same; Procrustes is a distance: 0 = same.",
-        ),
-        Table(
-            title="Functional measures",
-            columns=[
-                "case",
-                "ground truth",
-                "agreement, clean",
-                "agreement, trigger inputs",
-                "B accuracy",
-                "stitched A→B accuracy",
-                "ablation-profile r",
-                f"geometry says same (CKA ≥ {config.cka_threshold})",
-                f"function says different (agreement < {config.agreement_threshold})",
-            ],
-            rows=fun_rows,
-            caption="Agreement and accuracies pooled over seeds and inputs [Wilson 95%]; ablation r: mean over seeds [t-interval].",
-        ),
-    ]
-    findings = [
-        f"{k} of {n} pairs whose predictions differ are called the same by linear CKA (≥ {config.cka_threshold}); "
-        f"rate {format_interval(rate, lo, hi, 2)}.",
-    ]
-    for c in cases:
-        findings.append(
-            f"{c}: linear CKA {metrics[f'geometry/{c}/linear_cka']:.3f}, agreement clean "
-            f"{metrics[f'function/{c}/agree_clean']:.3f}, on trigger inputs {metrics[f'function/{c}/agree_trigger']:.3f}, "
-            f"stitched accuracy {metrics[f'function/{c}/stitch_acc']:.3f}, ablation-profile r {metrics[f'function/{c}/ablation_r']:.2f}."
-        )
-    if "rotated_copy" in cases:
-        ok = all(s["geometry_same"] and not s["function_different"] for r, s in per if r["case"] == "rotated_copy")
-        findings.append(f"Control: the rotated copy is {'correctly' if ok else 'NOT'} called same by both geometry and function.")
-    headline = (
-        f"Linear CKA called {k} of {n} functionally different network pairs the same "
-        f"(rate {format_interval(rate, lo, hi, 2)}, Clopper–Pearson); verdict: {verdict.verdict.value}."
+    results = _completed(records)
+    seeds, gaps = _gap(results, "backdoor")
+    est, lo, hi = _t(gaps)
+    controls = _controls(results, config)
+    verdict = VerdictRecord.from_interval(
+        CLAIM, est if gaps.size else None, lo, hi, n=int(gaps.size), controls=controls,
+        interval_method=f"Student t over {gaps.size} seeds (paired: same reference and data order)",
     )
-    notes = [
-        f"Network A: the shared MLP {config.hidden_sizes} trained by backprop on {config.dataset} for {config.epochs} epochs; "
-        "the last hidden layer is compared, on the clean test set.",
-        f"Constructed channels have scale epsilon={config.epsilon} × the layer's RMS unit scale (our choice).",
-        f"Trigger: features {list(config.trigger_pixels)} set to {config.trigger_value}; target class {config.target_class}; "
-        f"poison fraction {config.poison_fraction} for the trained backdoor (same init and data order as A).",
-        "Stitching: ridge regression (alpha 1e-3) from A's layer onto B's layer on the training set, then B's readout "
-        "(direct matching, Csiszárik et al. 2021). Ablation: mean-ablate each principal direction of each network's own "
-        "layer; profile = drop in agreement with the intact network; compared by Pearson r.",
-        "Ground truth for the verdict is measured, not assumed: a pair counts as functionally different when agreement "
-        f"on clean or on trigger inputs is below {config.agreement_threshold}.",
+    honest = _by_seed(results, "retrain", "clean", "linear_cka")
+    backdoor = _by_seed(results, "backdoor", "clean", "linear_cka")
+    twin = _by_seed(results, "twin", "clean", "linear_cka")
+    h_sd = float(np.std(list(honest.values()), ddof=1)) if len(honest) > 1 else math.nan
+    metrics: dict[str, Any] = {
+        "blindness/cka_gap": est, "blindness/ci": [lo, hi], "blindness/n_seeds": int(gaps.size),
+        "blindness/gap_in_honest_sd": est / h_sd if h_sd > 0 else math.nan,
+        "honest/cka_mean": float(np.mean(list(honest.values()))) if honest else math.nan,
+        "honest/cka_sd": h_sd,
+        "honest/cka_range": [min(honest.values()), max(honest.values())] if honest else None,
+        "backdoor/cka_mean": float(np.mean(list(backdoor.values()))) if backdoor else math.nan,
+        "twin/cka_mean": float(np.mean(list(twin.values()))) if twin else math.nan,
+    }
+    for c in controls:
+        metrics[f"control/{c.name}"] = c.estimate
+    for net in ("reference", "retrain", "backdoor"):
+        m, elo, ehi, _ = _effect_interval(results, net)
+        metrics[f"trigger_effect/{net}"] = m
+        metrics[f"trigger_effect/{net}_ci"] = [elo, ehi]
+
+    # -- per seed table
+    by_seed = {r["seed"]: r for r in results}
+    seed_rows = []
+    for s in seeds:
+        r = by_seed[s]
+        seed_rows.append([s, f"{honest[s]:.3f}", f"{backdoor[s]:.3f}", f"{backdoor[s] - honest[s]:+.3f}",
+                          f"{twin[s]:.3f}" if s in twin else "–", f"{_effect(r['networks']['retrain']):+.3f}",
+                          f"{_effect(r['networks']['backdoor']):+.3f}"])
+    if seeds:
+        seed_rows.append(["mean [95% t]", format_interval(*_t(honest[s] for s in seeds), 3),
+                          format_interval(*_t(backdoor[s] for s in seeds), 3), format_interval(est, lo, hi, 3),
+                          format_interval(*_t(twin[s] for s in seeds if s in twin), 3),
+                          format_interval(*_effect_interval(results, "retrain")[:3], 3),
+                          format_interval(*_effect_interval(results, "backdoor")[:3], 3)])
+
+    # -- every measure, clean and trigger inputs
+    measure_rows, audits = [], []
+    for inputs in ("clean", "trigger"):
+        for m in config.measures:
+            h, b, t = (_by_seed(results, p, inputs, m) for p in ("retrain", "backdoor", "twin"))
+            if not h:
+                continue
+            ms, g = _gap(results, "backdoor", inputs, m)
+            gm, glo, ghi = _t(g)
+            sd = float(np.std(list(h.values()), ddof=1)) if len(h) > 1 else math.nan
+            sign = -1.0 if _orientation(m) else 1.0
+            inside = sum(sign * v >= min(sign * x for x in h.values()) for v in b.values())
+            metrics[f"geometry/{inputs}/{m}/retrain"] = float(np.mean(list(h.values())))
+            metrics[f"geometry/{inputs}/{m}/backdoor"] = float(np.mean(list(b.values()))) if b else math.nan
+            metrics[f"geometry/{inputs}/{m}/gap"] = gm
+            measure_rows.append([m, inputs, f"{np.mean(list(h.values())):.3f} ({_range(h.values())})",
+                                 f"{np.mean(list(b.values())):.3f} ({_range(b.values())})" if b else "–",
+                                 format_interval(gm, glo, ghi, 3),
+                                 f"{sign * gm / sd:+.1f}" if sd > 0 and math.isfinite(gm) else "–",
+                                 f"{inside}/{len(b)}", f"{np.mean(list(t.values())):.3f}" if t else "–"])
+            need = "weights, clean data" if inputs == "clean" else "weights, the trigger"
+            audits.append((f"{inputs}/{m}", f"{m}, {inputs} inputs", need, _flags(h, b, _orientation(m))))
+    functional = [
+        ("agreement with the reference, clean inputs", "queries, clean data", "agree_clean", False),
+        ("stitching reference→B, accuracy", "weights, labelled clean data", "stitch_accuracy", False),
+        ("ablation-profile r", "weights, clean data", "ablation_r", False),
+        ("agreement with the reference, trigger inputs", "queries, the trigger", "agree_trigger", False),
     ]
-    return Analysis(verdict=verdict, headline=headline, metrics=metrics, tables=tables, findings=findings, setup_notes=notes)
+    for label, need, key, higher in functional:
+        h, b = _functional_by_seed(results, "retrain", key), _functional_by_seed(results, "backdoor", key)
+        audits.append((f"function/{key}", label, need, _flags(h, b, higher)))
+    h = {r["seed"]: _effect(r["networks"]["retrain"]) for r in results}
+    b = {r["seed"]: _effect(r["networks"]["backdoor"]) for r in results}
+    audits.append(("function/trigger_effect", "trigger effect of B (ASR − base rate)", "queries, the trigger",
+                   _flags(h, b, True)))
+    audit_rows = []
+    for key, label, need, (k, n, fp, n_h) in audits:
+        metrics[f"audit/{key}"] = {"detected": k, "n": n, "false_positives": fp, "n_honest": n_h}
+        audit_rows.append([label, need, _rate(k, n), _rate(fp, n_h)])
+
+    # -- networks and demonstrations
+    net_rows = []
+    for net in ("reference", "retrain", "backdoor", "untrained"):
+        nets = [r["networks"][net] for r in results if net in r["networks"]]
+        if not nets:
+            continue
+        acc = _t([x["accuracy"] for x in nets], bounds=(0.0, 1.0))
+        asr = np.mean([x["trigger"]["asr_hits"] / max(1, x["trigger"]["n"]) for x in nets])
+        base = np.mean([x["trigger"]["base_hits"] / max(1, x["trigger"]["n"]) for x in nets])
+        net_rows.append([net, format_interval(*acc, 3), f"{asr:.3f}", f"{base:.3f}",
+                         format_interval(*_effect_interval(results, net)[:3], 3)])
+    demo_rows = []
+    h_min = min(honest.values()) if honest else math.nan
+    for name in _demo_names(config):
+        cka = _by_seed(results, name, "clean", "linear_cka")
+        if not cka:
+            continue
+        case, _, eps = name.partition("@")
+        cka_t = _by_seed(results, name, "trigger", "linear_cka")
+        fun = {k: np.mean(list(_functional_by_seed(results, name, k).values()))
+               for k in ("agree_clean", "agree_trigger", "stitch_accuracy", "ablation_r")}
+        te = np.mean([_effect(r["networks"][name]) for r in results if name in r["networks"]])
+        metrics[f"demo/{name}/cka"] = float(np.mean(list(cka.values())))
+        metrics[f"demo/{name}/trigger_effect"] = float(te)
+        demo_rows.append([case, eps or "–", DEMO_DOC[case], f"{np.mean(list(cka.values())):.4f}",
+                          f"{np.mean(list(cka_t.values())):.4f}" if cka_t else "–",
+                          f"{sum(v >= h_min for v in cka.values())}/{len(cka)}",
+                          f"{fun['agree_clean']:.3f}", f"{fun['agree_trigger']:.3f}", f"{te:+.3f}",
+                          f"{fun['stitch_accuracy']:.3f}", f"{fun['ablation_r']:.2f}"])
+
+    tables = [
+        Table(title="Primary contrast per seed: linear CKA to the reference (last hidden layer, clean test inputs)",
+              columns=["seed", "honest retrain", "backdoored twin", "gap (backdoor − retrain)",
+                       "backdoor vs its clean twin", "trigger effect, retrain", "trigger effect, backdoor"],
+              rows=seed_rows,
+              caption=f"The claim holds when the gap's 95% t interval lies above −{MARGIN:g}. 'Clean twin' = the honest "
+                      "retrain with the same init and data order; its honest counterpart (same init, order and data) is "
+                      "the retrain itself, CKA 1, so it is not compared with the honest range."),
+        Table(title="Every geometric measure, clean and trigger inputs: honest retrains vs backdoored networks",
+              columns=["measure", "inputs", "honest retrain: mean (range)", "backdoor: mean (range)",
+                       "paired gap [95% t]", "gap in honest SDs (− = less similar)", "backdoors within honest range",
+                       "backdoor vs its clean twin"],
+              rows=measure_rows,
+              caption="All against the seed's reference network. Procrustes is a distance (0 = same); its gap's sign is "
+                      "flipped in the SD column so that negative always means 'less similar than honest retrains'."),
+        Table(title="Audits: backdoors caught vs honest retrains flagged",
+              columns=["audit", "the auditor needs", "backdoors detected [CP 95%]", "honest retrains flagged [CP 95%]"],
+              rows=audit_rows,
+              caption="Rule: flag a pair whose value lies beyond the range of the other seeds' honest retrains "
+                      "(leave one seed out), so an honest retrain is flagged with probability about 1/seeds."),
+        Table(title="Networks", columns=["network", "clean accuracy [95% t]", "attack success rate", "clean base rate",
+                                         "trigger effect [95% t]"], rows=net_rows,
+              caption="Rates among test inputs whose true class is not the target; trigger effect = ASR − base rate."),
+    ]
+    if demo_rows:
+        tables.append(Table(
+            title="Labelled demonstrations: blind by construction (distribution shift, not evidence about trained networks)",
+            columns=["construction", "ε", "what it is", "CKA clean", "CKA trigger", "CKA ≥ lowest honest retrain",
+                     "agreement clean", "agreement trigger", "trigger effect", "stitched accuracy", "ablation r"],
+            rows=demo_rows,
+            caption="Built from each seed's reference network; means over seeds. ε scales the extra channel relative "
+                    "to the layer's RMS unit scale."))
+
+    contrast = (
+        f"Backdoored twins of honest retrains ({gaps.size} seeds, poison fraction {config.poison_fraction:g}) vs the "
+        f"honest retrains: linear CKA to the reference {metrics['backdoor/cka_mean']:.3f} vs {metrics['honest/cka_mean']:.3f}; "
+        f"paired gap {format_interval(est, lo, hi, 3)}, margin −{MARGIN:g}."
+    ) if gaps.size else "No seed finished; nothing to compare."
+    findings = []
+    if gaps.size:
+        k_in = sum(backdoor[s] >= min(honest.values()) for s in seeds)
+        findings.append(
+            f"Honest retrains reach linear CKA {_range(honest.values())} to the reference (SD {h_sd:.3f}); the backdoored "
+            f"twins reach {_range(backdoor.values())}, {k_in} of {len(seeds)} within the honest range. The mean gap "
+            f"{est:+.3f} is {metrics['blindness/gap_in_honest_sd']:+.1f} honest SDs.")
+        if twin:
+            lo_h, hi_h = min(honest.values()), max(honest.values())
+            k_tw = sum(lo_h <= v <= hi_h for v in twin.values())
+            findings.append(
+                f"A backdoored network's CKA to its own clean twin (same init and data order) is {_range(twin.values())}, "
+                f"mean {metrics['twin/cka_mean']:.3f} (vs {metrics['backdoor/cka_mean']:.3f} to the independent reference); "
+                f"{k_tw} of {len(twin)} lie within the honest-retrain range. That comparison is not like with like: the "
+                "honest counterpart of a twin pair is the retrain itself (CKA 1), and the shared init and data order "
+                "raise CKA by an amount no honest pair of independent retrains measures.")
+        te_b, te_r = metrics["trigger_effect/backdoor"], metrics["trigger_effect/retrain"]
+        findings.append(f"Trigger effect (ASR − clean base rate): backdoored {te_b:+.3f}, honest retrains {te_r:+.3f}.")
+        caught = [label for _, label, _, (k, n, _, _) in audits if n and k == n]
+        missed = [label for _, label, _, (k, n, _, _) in audits if n and k == 0]
+        if caught:
+            findings.append(f"Audits that flag every backdoor: {'; '.join(caught)}.")
+        if missed:
+            findings.append(f"Audits that flag no backdoor: {'; '.join(missed)}.")
+    for c in controls:
+        if c.status != "pass":
+            findings.append(f"Control '{c.name}' {c.status}: {c.detail}.")
+    lvr = [(n.partition("@")[2], metrics[f"demo/{n}/cka"]) for n in _demo_names(config)
+           if n.startswith("low_variance_readout") and f"demo/{n}/cka" in metrics]
+    if lvr:
+        findings.append(
+            "Demonstration (blind by construction): a readout of a channel of scale ε changes every prediction while "
+            f"linear CKA is {', '.join(f'{v:.4f} at ε = {e}' for e, v in lvr)}; it stays blind only while the channel's "
+            "variance is a small share of the layer's.")
+    if "demo/hidden_trigger/cka" in metrics:
+        findings.append(
+            f"Demonstration (blind by construction): the hidden trigger has CKA {metrics['demo/hidden_trigger/cka']:.4f} "
+            f"on clean inputs and trigger effect {metrics['demo/hidden_trigger/trigger_effect']:+.3f}: its channel is "
+            "zero wherever CKA looks, a distribution shift rather than a weakness of rotation invariance.")
+    headline = (
+        f"A trained backdoor moves linear CKA to the reference by {format_interval(est, lo, hi, 3)} relative to an honest "
+        f"retrain ({gaps.size} seeds; margin −{MARGIN:g}); verdict: {verdict.label}."
+    ) if gaps.size else f"No seed finished; verdict: {verdict.label}."
+    notes = [
+        f"Networks: the shared MLP {config.hidden_sizes} trained by backprop (Adam) on {config.dataset} for "
+        f"{config.epochs} epochs; the last hidden layer is compared on the test set (our choice; the essay is silent).",
+        "Reference distribution: each seed's honest retrain, compared with that seed's reference; the backdoored network "
+        "shares the retrain's init and data order, so the paired gap isolates the poison.",
+        f"Trigger: features {list(config.trigger_pixels)} set to {config.trigger_value:g}; target class "
+        f"{config.target_class}; poison fraction {config.poison_fraction:g} (our choice).",
+        "Stitching: ridge regression (alpha 1e-3) from the reference's layer onto B's on the training set, then B's "
+        "readout (Csiszárik et al. 2021). Ablation: mean-ablate each principal direction of each network's layer; "
+        "profile = drop in agreement with the intact network; compared by Pearson r.",
+        f"Constructed channels scale with ε × the layer's RMS unit scale, ε in {list(config.epsilons)}; the control uses "
+        "the smallest ε (CKA on clean inputs is 1 at every ε).",
+    ]
+    return Analysis(verdict=verdict, headline=headline, metrics=metrics, tables=tables, controls=controls,
+                    contrast=contrast, findings=findings, setup_notes=notes)
 
 
 def plots(config: Config, records: list[dict], analysis: Analysis, out_dir: Path) -> list[Figure]:
@@ -415,49 +801,126 @@ def plots(config: Config, records: list[dict], analysis: Analysis, out_dir: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per = [(_r["result"], _summarise(config, _r["result"])) for _r in _completed(records)]
-    cases = [c for c in config.cases if any(r["case"] == c for r, _ in per)]
-    if not per:
+    results = _completed(records)
+    if not results:
         return []
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, c in enumerate(cases):
-        pts = [(s["cka"], min(s["agree_clean"], s["agree_trigger"])) for r, s in per if r["case"] == c]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=c, color=f"C{i}", s=30, alpha=0.8)
-    ax.axvline(config.cka_threshold, color="k", ls="--", lw=0.8)
-    ax.axhline(config.agreement_threshold, color="k", ls=":", lw=0.8)
-    ax.fill_between([config.cka_threshold, 1.005], -0.02, config.agreement_threshold, color="red", alpha=0.08, label="blind spot")
-    ax.set_xlabel("linear CKA, last hidden layer (clean inputs)")
-    ax.set_ylabel("prediction agreement (min of clean, trigger)")
-    ax.set_xlim(min(0.5, min(s["cka"] for _, s in per) - 0.02), 1.005)
-    ax.set_ylim(-0.02, 1.02)
+    honest = _by_seed(results, "retrain", "clean", "linear_cka")
+    cols = [("honest retrain", "retrain"), ("backdoored twin", "backdoor"), ("backdoor vs\nits clean twin", "twin")]
+    cols += [(n.replace("@", "\nε=").replace("_", " "), n) for n in _demo_names(config)]
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.75 * len(cols) + 2), 4.6))
+    rng = np.random.default_rng(0)  # jitter only
+    for i, (_, pair) in enumerate(cols):
+        v = list(_by_seed(results, pair, "clean", "linear_cka").values())
+        ax.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, s=16, alpha=0.75, color="C0" if i == 0 else ("C3" if i < 3 else "C7"))
+    if honest:
+        ax.axhspan(min(honest.values()), max(honest.values()), color="C0", alpha=0.12, label="honest-retrain range")
+        ax.axhline(np.mean(list(honest.values())) - MARGIN, color="k", ls="--", lw=0.8, label=f"honest mean − {MARGIN:g}")
+    ax.set_xticks(range(len(cols)), [c[0] for c in cols], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("linear CKA to the reference (clean inputs)")
+    ax.set_title("Is a backdoored network farther from the reference than an honest retrain?")
     ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("Geometry vs function, one dot per (case, seed)")
-    ax.text(config.cka_threshold, 1.0, f" CKA {config.cka_threshold}", fontsize=7, va="top")
-    ax.text(ax.get_xlim()[0], config.agreement_threshold, f" agreement {config.agreement_threshold}", fontsize=7, va="bottom")
     fig.tight_layout()
-    fig.savefig(Path(out_dir) / "geometry_vs_function.png", dpi=150)
+    fig.savefig(Path(out_dir) / "cka_to_reference.png", dpi=150)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(9, 4.6))
-    width = 0.8 / max(1, len(config.measures))
-    for j, m in enumerate(config.measures):
-        vals = [MEASURES[m].as_similarity(analysis.metrics[f"geometry/{c}/{m}"]) for c in cases]
-        ax.bar(np.arange(len(cases)) + j * width, vals, width, label=m)
-    centre = np.arange(len(cases)) + 0.4 - width / 2
-    ax.plot(centre, [analysis.metrics[f"function/{c}/agree_clean"] for c in cases], "wo", mec="k", ms=8, label="agreement, clean inputs")
-    ax.plot(centre, [analysis.metrics[f"function/{c}/agree_trigger"] for c in cases], "k*", ms=11, label="agreement, trigger inputs")
-    ax.set_xticks(centre, cases, fontsize=7)
-    ax.set_ylabel("similarity (distances as 1 − d/d_max)")
-    ax.set_ylim(min(0, ax.get_ylim()[0]), 1.05)
-    ax.legend(fontsize=6, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.1))
-    ax.set_title("Geometric measures per case (mean over seeds) and functional agreement")
+    fig, ax = plt.subplots(figsize=(7, 0.32 * 2 * len(config.measures) + 1.6))
+    labels, y = [], 0
+    for inputs, colour in (("clean", "C0"), ("trigger", "C3")):
+        for m in config.measures:
+            h = _by_seed(results, "retrain", inputs, m)
+            _, g = _gap(results, "backdoor", inputs, m)
+            sd = float(np.std(list(h.values()), ddof=1)) if len(h) > 1 else math.nan
+            if not g.size or not sd > 0:
+                continue
+            sign = -1.0 if _orientation(m) else 1.0
+            gm, glo, ghi = (sign * v / sd for v in _t(g))
+            lo_, hi_ = (min(glo, ghi), max(glo, ghi)) if math.isfinite(glo) else (gm, gm)
+            ax.errorbar(gm, y, xerr=[[gm - lo_], [hi_ - gm]], fmt="o", color=colour, ms=4, capsize=2)
+            labels.append(f"{m} ({inputs})")
+            y += 1
+    ax.axvline(0, color="k", lw=0.8)
+    ax.axvline(-1.645, color="k", ls="--", lw=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("backdoor − honest retrain, in honest seed-to-seed SDs (− = less similar); 95% t")
+    ax.set_title("Every measure: how far a backdoor moves similarity to the reference")
     fig.tight_layout()
-    fig.savefig(Path(out_dir) / "measures_by_case.png", dpi=150)
+    fig.savefig(Path(out_dir) / "gap_by_measure.png", dpi=150)
     plt.close(fig)
     return [
-        Figure(path="geometry_vs_function.png", caption="Each pair's linear CKA against its prediction agreement; the shaded corner is where geometry says same but function differs."),
-        Figure(path="measures_by_case.png", caption="Every geometric measure per construction (bars; distances mapped to 1 − d/d_max), with prediction agreement on clean inputs (circles) and on trigger inputs (stars)."),
+        Figure(path="cka_to_reference.png",
+               caption="Linear CKA to each seed's reference: honest retrains (band: their range), backdoored twins, each "
+                       "backdoor against its clean twin, and the constructed demonstrations (grey; blind by construction)."),
+        Figure(path="gap_by_measure.png",
+               caption="Paired gap backdoor − honest retrain for every geometric measure on clean (blue) and trigger (red) "
+                       "inputs, in honest seed-to-seed SDs; the dashed line at −1.645 SD is where a 5%-false-positive "
+                       "single-model audit catches half the backdoors."),
     ]
+
+
+# --------------------------------------------------------------------------- simulator
+
+
+_SIM = {"honest_cka": 0.966, "honest_sd": 0.012, "gap_sd": 0.012, "untrained_cka": 0.47, "untrained_sd": 0.09,
+        "accuracy": 0.95, "backdoor_asr": 0.97, "base_rate": 0.005, "n_test": 449, "n_nontarget": 404}
+"""Pilot values at the default setup (14 seeds): honest CKA 0.966 (SD 0.012), paired gap SD 0.012, untrained
+CKA 0.47 (SD 0.09), backdoor ASR 0.97, base rates ≈ 0."""
+
+
+def simulate(config: Config, effect: float, rng: np.random.Generator) -> list[dict]:
+    """Records as ``run_unit`` returns them, with a true mean CKA gap of ``effect`` (no ``trace``).
+
+    Linear CKA of the honest retrain ~ N(0.966, 0.012²) per seed and the backdoor's gap
+    ~ N(effect, 0.012²) (pilot values at the default setup); the other measures are
+    monotone functions of linear CKA (distances as sqrt(2 − 2·CKA)); the controls behave
+    as designed (backdoor ASR 0.97, honest base rates 0.005, untrained CKA ≈ 0.47,
+    constructions exactly 1).
+    """
+    p = _SIM
+    m_nt = p["n_nontarget"]
+
+    def geometry(cka: float) -> dict:
+        out = {}
+        for m in config.measures:
+            lo, hi = MEASURES[m].value_range
+            v = math.sqrt(max(0.0, 2 - 2 * cka)) if _orientation(m) else cka
+            out[m] = float(np.clip(v, lo, hi))
+        return out
+
+    def pair(cka_clean: float, cka_trig: float, agree_clean: float, agree_trig: float) -> dict:
+        return {"geometry": {"clean": geometry(cka_clean), "trigger": geometry(cka_trig)}, "geometry_errors": {},
+                "agree_clean": agree_clean, "agree_trigger": agree_trig,
+                "stitch_accuracy": float(np.clip(rng.normal(p["accuracy"], 0.01), 0, 1)),
+                "stitch_fidelity": float(np.clip(rng.normal(0.97, 0.01), 0, 1)),
+                "ablation_r": float(np.clip(rng.normal(0.9, 0.05), -1, 1))}
+
+    def net(asr: float, base: float) -> dict:
+        return {"accuracy": float(np.clip(rng.normal(p["accuracy"], 0.01), 0, 1)),
+                "trigger": {"n": m_nt, "asr_hits": int(rng.binomial(m_nt, asr)), "base_hits": int(rng.binomial(m_nt, base))}}
+
+    records = []
+    for s in range(config.seeds):
+        h = float(np.clip(rng.normal(p["honest_cka"], p["honest_sd"]), 0, 1))
+        b = float(np.clip(h + rng.normal(effect, p["gap_sd"]), 0, 1))
+        u = float(np.clip(rng.normal(p["untrained_cka"], p["untrained_sd"]), 0, 1))
+        h_t = float(np.clip(h + rng.normal(0, 0.005), 0, 1))
+        pairs = {
+            "retrain": pair(h, h_t, 0.95, 0.8),
+            "backdoor": pair(b, float(np.clip(b + rng.normal(-0.02, 0.01), 0, 1)), 0.95, 0.1),
+            "twin": pair(float(np.clip(rng.normal(0.968, 0.01), 0, 1)), 0.95, 0.96, 0.1),
+            "untrained": pair(u, u, 0.1, 0.1),
+        }
+        nets = {"reference": net(p["base_rate"], p["base_rate"]), "retrain": net(p["base_rate"], p["base_rate"]),
+                "backdoor": net(p["backdoor_asr"], p["base_rate"]), "untrained": net(0.1, 0.1)}
+        for name in _demo_names(config):
+            case, _, eps = name.partition("@")
+            cka = max(0.0, 1.0 - 0.0024 * float(eps) ** 2) if case == "low_variance_readout" else 1.0  # pilot fit
+            pairs[name] = pair(cka, cka, 0.0 if case == "low_variance_readout" else 1.0,
+                               1.0 if case == "rotated_copy" else 0.1)
+            nets[name] = net(1.0 if case == "hidden_trigger" else p["base_rate"], p["base_rate"])
+        records.append({"key": f"seed{s}", "params": {"seed": s},
+                        "result": {"seed": s, "n_test": p["n_test"], "networks": nets, "pairs": pairs, "trace": None}})
+    return records
 
 
 STUDY = Study(
@@ -469,6 +932,13 @@ STUDY = Study(
     run_unit=run_unit,
     analyze=analyze,
     plots=plots,
-    scales={"quick": {"seeds": 3}, "paper": {}},
+    simulate=simulate,
+    calibration=Calibration(
+        null_effect=-MARGIN,
+        alternative_effect=0.0,
+        power=0.9,
+        effect="true mean gap CKA(reference, backdoor) − CKA(reference, honest retrain), linear CKA units",
+    ),
+    scales={"quick": {"seeds": 20}, "paper": {}},
     unit_threads=1,  # small MLPs: one thread is fastest and gives the same bits under any executor
 )
