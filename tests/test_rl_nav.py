@@ -105,3 +105,25 @@ def test_registered_with_gymnasium():
     assert env.observation_space.contains(obs)
     obs, reward, *_ = env.step(env.action_space.sample())
     assert isinstance(reward, float)
+
+
+def test_batch_env_with_per_copy_layouts_matches_navenv_on_that_layout():
+    from safetylab.rl.nav import random_layout
+
+    cfg = NavConfig(max_episode_steps=30, clearance=0.02)
+    layouts = [random_layout(cfg, np.random.default_rng(i), spread=0.35) for i in range(2)]
+    batch = BatchNavEnv(cfg, [4, 9], np.asarray(layouts))
+    envs = [NavEnv(cfg.model_copy(update={"hazards": lay})) for lay in layouts]
+    np.testing.assert_array_equal(batch.reset(), np.stack([e.reset(seed=s)[0] for e, s in zip(envs, [4, 9])]))
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        a = rng.uniform(-1, 1, size=(2, 2)).astype(np.float32)
+        out = batch.step(a)
+        for i, env in enumerate(envs):
+            o, r, term, trunc, info = env.step(a[i])
+            assert r == out["reward"][i] and info["in_hazard"] == out["in_hazard"][i]
+            if term or trunc:
+                o, _ = env.reset()
+            np.testing.assert_array_equal(o, out["obs"][i])
+    with pytest.raises(ValueError, match="layouts has shape"):
+        BatchNavEnv(cfg, [1, 2], np.zeros((3, 3, 3)))

@@ -6,13 +6,15 @@ near ``start`` (uniform jitter), must reach the disc of radius ``goal_radius`` a
 ``goal`` and is paid for progress (potential-based shaping, Ng et al. 1999: the sum of
 progress rewards over an episode depends only on where it starts and ends, so a detour
 costs time, not reward) plus a goal bonus. Hazards are circles placed across the
-straight path; entering one ends nothing and costs nothing unless ``hazard_penalty > 0``
-(the essay's shield arm trains without a penalty).
+straight path (the defaults) or drawn at random across the start–goal corridor
+(:func:`random_layout`); entering one ends nothing and costs nothing unless
+``hazard_penalty > 0`` (the essay's shield arm trains without a penalty).
 
 :class:`NavEnv` is the Gymnasium environment (passes ``gymnasium.utils.env_checker``);
 :class:`BatchNavEnv` steps many independent copies as one numpy batch, with one
-random generator per copy, so copy ``i`` seeded with ``s`` produces exactly the
-transitions of ``NavEnv`` reset with ``seed=s`` (both call :func:`nav_step`).
+random generator per copy (and optionally its own hazard layout), so copy ``i`` seeded
+with ``s`` produces exactly the transitions of ``NavEnv`` reset with ``seed=s`` on that
+layout (both call :func:`nav_step`).
 """
 
 from __future__ import annotations
@@ -155,6 +157,55 @@ def _connected(cfg: NavConfig, hazards: np.ndarray, grow: float, grid_step: floa
     return bool(a != 0 and a == b)
 
 
+def random_layout(
+    cfg: NavConfig,
+    rng: np.random.Generator,
+    *,
+    spread: float,
+    along: tuple[float, float] = (0.2, 0.8),
+    max_tries: int = 1000,
+) -> tuple[Hazard, ...]:
+    """A hazard layout drawn at random across the start–goal corridor.
+
+    Keeps the radii of ``cfg.hazards`` (so observations keep their size) and draws
+    each centre at a uniform fraction ``along`` of the way from start to goal, moved
+    sideways by a uniform offset in ``[-spread, spread]``; hazards may overlap. Draws
+    are rejected until :func:`layout_problem` (with ``cfg.clearance``, at the grid
+    the config validator uses) finds nothing wrong, so every layout is one the task
+    accepts as ``hazards``. Centres are rounded to 4 decimals, so a layout survives
+    a JSON round trip unchanged.
+
+    Args:
+        cfg: the task (start, goal, arena, radii, clearance).
+        rng: the only source of randomness: the same generator state gives the same layout.
+        spread: largest sideways offset from the straight path, arena units.
+        along: range of the fraction of the start–goal segment where centres lie.
+        max_tries: draws before giving up.
+
+    Raises:
+        ValueError: no valid layout in ``max_tries`` draws (hazards too large for the corridor).
+    """
+    start, goal = np.asarray(cfg.start, np.float64), np.asarray(cfg.goal, np.float64)
+    d = goal - start
+    side = np.array([-d[1], d[0]]) / float(np.hypot(*d))  # unit normal to the straight path
+    radii = np.asarray(cfg.hazards, np.float64)[:, 2]
+    L = cfg.arena_half_width
+    for _ in range(max_tries):
+        t = rng.uniform(along[0], along[1], size=radii.size)
+        off = rng.uniform(-spread, spread, size=radii.size)
+        centres = (start[None] + t[:, None] * d[None] + off[:, None] * side[None]).round(4)
+        if np.any(np.abs(centres) >= L):
+            continue
+        cand = np.column_stack([centres, radii])
+        if layout_problem(cfg, cand, cfg.clearance) is None:
+            return tuple((float(x), float(y), float(r)) for x, y, r in cand)
+    raise ValueError(
+        f"no valid random hazard layout in {max_tries} draws: hazards of radii {radii.tolist()} within "
+        f"{spread:g} of the start–goal path keep covering the start, the goal or every path; "
+        "use smaller hazards or a larger layout_spread"
+    )
+
+
 # ----------------------------------------------------------------------------- core
 
 
@@ -231,13 +282,20 @@ def nav_step(cfg: NavConfig, pos: np.ndarray, hazards: np.ndarray, t: np.ndarray
     return new_pos, reward, reached, truncated, inside
 
 
-def sample_reset(cfg: NavConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample_reset(
+    cfg: NavConfig, rng: np.random.Generator, base: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Start position (2,) and hazards (n_hazards, 3) for a new episode.
 
     The order of draws is part of the contract between :class:`NavEnv` and
     :class:`BatchNavEnv`: layout first (only when random), then the start jitter.
+
+    Args:
+        cfg: the task.
+        rng: the copy's generator.
+        base: (n_hazards, 3) layout of this copy; ``None`` = ``cfg.hazards``.
     """
-    base = np.asarray(cfg.hazards, dtype=np.float64)
+    base = np.asarray(cfg.hazards if base is None else base, dtype=np.float64)
     hazards = base
     if cfg.layout == "random":
         for _ in range(100):
@@ -310,16 +368,29 @@ class BatchNavEnv:
         config: the task.
         seeds: one integer per copy; copy ``i`` draws exactly what
             ``NavEnv().reset(seed=seeds[i])`` and its later resets draw.
+        layouts: optional (n, n_hazards, 3) hazard layout of each copy (e.g. one
+            drawn per training seed by :func:`random_layout`); copy ``i`` then behaves
+            as ``NavEnv`` with ``hazards=layouts[i]``. ``None`` = ``config.hazards``.
     """
 
-    def __init__(self, config: NavConfig, seeds: list[int] | np.ndarray) -> None:
+    def __init__(
+        self, config: NavConfig, seeds: list[int] | np.ndarray, layouts: np.ndarray | None = None
+    ) -> None:
         self.config = config
         self.n = len(seeds)
         if self.n == 0:
             raise ValueError("seeds is empty; BatchNavEnv needs at least one copy")
         self.rngs = [seeding.np_random(int(s))[0] for s in seeds]
         self.pos = np.zeros((self.n, 2))
-        self.hazards = np.repeat(np.asarray(config.hazards, np.float64)[None], self.n, axis=0)
+        shape = (self.n, config.n_hazards, 3)
+        if layouts is None:
+            self.layouts = np.broadcast_to(np.asarray(config.hazards, np.float64)[None], shape).copy()
+        else:
+            self.layouts = np.asarray(layouts, dtype=np.float64)
+            if self.layouts.shape != shape:
+                raise ValueError(f"layouts has shape {self.layouts.shape}; expected {shape} "
+                                 "(one layout per copy, as many hazards as config.hazards)")
+        self.hazards = self.layouts.copy()
         self.t = np.zeros(self.n, dtype=np.int64)
         self.hazard_steps = np.zeros(self.n, dtype=np.int64)
         low, high = obs_bounds(config)
@@ -330,7 +401,7 @@ class BatchNavEnv:
 
     def _reset_copies(self, idx: np.ndarray) -> None:
         for i in idx:
-            self.pos[i], self.hazards[i] = sample_reset(self.config, self.rngs[i])
+            self.pos[i], self.hazards[i] = sample_reset(self.config, self.rngs[i], self.layouts[i])
         self.t[idx] = 0
         self.hazard_steps[idx] = 0
 
@@ -391,6 +462,7 @@ def evaluate_policies(
     *,
     shield: ShieldFn | None = None,
     n_trajectories: int = 0,
+    layouts: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Run every policy for one episode per seed in ``episode_seeds``, all in one batch.
 
@@ -399,11 +471,13 @@ def evaluate_policies(
 
     Args:
         cfg: the task.
-        act: batched policy (see :data:`ActFn`), deterministic for evaluation.
+        act: batched policy (see :data:`ActFn`): its mean action, or a sample from it.
         n_policies: leading dimension the policy expects.
         episode_seeds: seed of each evaluation episode.
         shield: if given, actions pass through it before the environment.
         n_trajectories: keep positions of the first this-many episodes per policy.
+        layouts: optional (n_policies, n_hazards, 3) layout of each policy (the one it
+            trained on); ``None`` = ``cfg.hazards`` for all.
 
     Returns:
         Per policy lists (length ``n_policies``) of per-episode lists:
@@ -413,7 +487,9 @@ def evaluate_policies(
     """
     n_ep = len(episode_seeds)
     seeds = np.tile(np.asarray(episode_seeds), n_policies)
-    env = BatchNavEnv(cfg, seeds)
+    if layouts is not None:
+        layouts = np.repeat(np.asarray(layouts, dtype=np.float64), n_ep, axis=0)  # copy index = p * n_ep + e
+    env = BatchNavEnv(cfg, seeds, layouts)
     obs = env.reset()
     alive = np.ones(env.n, dtype=bool)
     success = np.zeros(env.n, dtype=bool)

@@ -194,6 +194,17 @@ class SeedBatchedActorCritic(torch.nn.Module):
         with torch.no_grad():
             return self._mlp(torch.as_tensor(obs, dtype=torch.float32), self.pi_w, self.pi_b).numpy()
 
+    def act_stochastic(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Actions sampled from each seed's Gaussian policy, as in training: (S, B, act_dim).
+
+        The noise comes from ``rng`` (not torch's global generator), so an evaluation
+        is reproducible and independent of what ran before it.
+        """
+        mean = self.act_deterministic(obs)
+        with torch.no_grad():
+            std = torch.exp(self.log_std).numpy()[:, None, :]  # (S, 1, act_dim)
+        return mean + std * rng.standard_normal(mean.shape).astype(np.float32)
+
 
 # ----------------------------------------------------------------------------- training
 
@@ -236,6 +247,7 @@ def train_ppo(
     signal_coef: float = 0.0,
     shield_prob: Callable[[float], float] | None = None,
     progress: Callable[[float], None] | None = None,
+    layouts: np.ndarray | None = None,
 ) -> PPOResult:
     """Train one PPO agent per seed, all in one batch.
 
@@ -249,6 +261,8 @@ def train_ppo(
         shield_prob: probability that an episode is shielded, as a function of the
             fraction of training done (annealing); ``None`` = always shielded.
         progress: called with the number of updates done after each update.
+        layouts: optional (n_seeds, n_hazards, 3) hazard layout of each seed (all its
+            environments share it); ``None`` = ``nav.hazards`` for every seed.
 
     Returns:
         A :class:`PPOResult`.
@@ -271,7 +285,8 @@ def train_ppo(
     model = SeedBatchedActorCritic(seeds, obs_dim, act_dim, ppo.hidden)
     # Adam is element-wise, so one optimiser over the seed-stacked tensors is S independent ones.
     opt = torch.optim.Adam(model.parameters(), lr=ppo.learning_rate, eps=1e-5, fused=True)
-    env = BatchNavEnv(nav, [env_seed(s, e) for s in seeds for e in range(E)])  # copy index = s * E + e
+    copy_layouts = None if layouts is None else np.repeat(np.asarray(layouts, np.float64), E, axis=0)
+    env = BatchNavEnv(nav, [env_seed(s, e) for s in seeds for e in range(E)], copy_layouts)  # copy = s * E + e
     obs = env.reset()
     shielded = np.ones(S * E, dtype=bool) if shield is not None else np.zeros(S * E, dtype=bool)
     if shield is not None and shield_prob is not None:

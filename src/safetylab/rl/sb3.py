@@ -144,10 +144,23 @@ def episode_stats(env: TrainingStats, rollout_steps: int, total_steps: int) -> d
     }
 
 
-def sb3_act_fn(models: list[Any]) -> Callable[[np.ndarray], np.ndarray]:
-    """Batched deterministic policy over several SB3 models: obs (S, B, d) → (S, B, 2)."""
+def sb3_act_fn(models: list[Any], rng: np.random.Generator | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Batched policy over several SB3 models: obs (S, B, d) → (S, B, 2).
+
+    With ``rng`` = None the mean action (SB3's ``deterministic=True``); with a generator,
+    a sample from each model's Gaussian with noise from ``rng`` (not torch's global state).
+    """
+    import torch
 
     def act(obs: np.ndarray) -> np.ndarray:
-        return np.stack([m.predict(o, deterministic=True)[0] for m, o in zip(models, obs)])
+        if rng is None:
+            return np.stack([m.predict(o, deterministic=True)[0] for m, o in zip(models, obs)])
+        out = []
+        for m, o in zip(models, obs):
+            with torch.no_grad():
+                dist = m.policy.get_distribution(torch.as_tensor(o, dtype=torch.float32)).distribution
+                mean, std = dist.mean.numpy(), dist.stddev.numpy()
+            out.append(mean + std * rng.standard_normal(mean.shape))
+        return np.stack(out)
 
     return act
