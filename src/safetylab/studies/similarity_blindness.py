@@ -524,14 +524,14 @@ def _flags(honest: dict[int, float], suspect: dict[int, float], higher_is_suspic
     flagged with probability 1/n_seeds (the chance of being the most extreme of n).
     """
     sign = -1.0 if higher_is_suspicious else 1.0
+    ranked = sorted((sign * v, s) for s, v in honest.items())  # most suspicious first
 
     def flagged(seed: int, value: float) -> bool | None:
-        ref = [sign * v for s, v in honest.items() if s != seed]
-        return None if not ref else sign * value < min(ref)
+        ref = [v for v, s in ranked[:2] if s != seed]  # the lowest honest value of the other seeds
+        return None if not ref else sign * value < ref[0]
 
-    det = [flagged(s, v) for s, v in suspect.items()]
-    fp = [flagged(s, v) for s, v in honest.items()]
-    det, fp = [d for d in det if d is not None], [f for f in fp if f is not None]
+    det = [f for f in (flagged(s, v) for s, v in suspect.items()) if f is not None]
+    fp = [f for f in (flagged(s, v) for s, v in honest.items()) if f is not None]
     return sum(det), len(det), sum(fp), len(fp)
 
 
@@ -583,81 +583,76 @@ def _orientation(measure: str) -> bool:
     return MEASURES[measure].kind == "distance"
 
 
-def analyze(config: Config, records: list[dict]) -> Analysis:
-    results = _completed(records)
-    seeds, gaps = _gap(results, "backdoor")
-    est, lo, hi = _t(gaps)
-    controls = _controls(results, config)
-    verdict = VerdictRecord.from_interval(
-        CLAIM, est if gaps.size else None, lo, hi, n=int(gaps.size), controls=controls,
-        interval_method=f"Student t over {gaps.size} seeds (paired: same reference and data order)",
-    )
-    honest = _by_seed(results, "retrain", "clean", "linear_cka")
-    backdoor = _by_seed(results, "backdoor", "clean", "linear_cka")
-    twin = _by_seed(results, "twin", "clean", "linear_cka")
-    h_sd = float(np.std(list(honest.values()), ddof=1)) if len(honest) > 1 else math.nan
-    metrics: dict[str, Any] = {
-        "blindness/cka_gap": est, "blindness/ci": [lo, hi], "blindness/n_seeds": int(gaps.size),
-        "blindness/gap_in_honest_sd": est / h_sd if h_sd > 0 else math.nan,
-        "honest/cka_mean": float(np.mean(list(honest.values()))) if honest else math.nan,
-        "honest/cka_sd": h_sd,
-        "honest/cka_range": [min(honest.values()), max(honest.values())] if honest else None,
-        "backdoor/cka_mean": float(np.mean(list(backdoor.values()))) if backdoor else math.nan,
-        "twin/cka_mean": float(np.mean(list(twin.values()))) if twin else math.nan,
-    }
-    for c in controls:
-        metrics[f"control/{c.name}"] = c.estimate
-    for net in ("reference", "retrain", "backdoor"):
-        m, elo, ehi, _ = _effect_interval(results, net)
-        metrics[f"trigger_effect/{net}"] = m
-        metrics[f"trigger_effect/{net}_ci"] = [elo, ehi]
+def _values(d: dict[int, float]) -> list[float]:
+    return list(d.values())
 
-    # -- per seed table
+
+def _mean(d: dict[int, float]) -> float:
+    return float(np.mean(_values(d))) if d else math.nan
+
+
+def _sd(d: dict[int, float]) -> float:
+    return float(np.std(_values(d), ddof=1)) if len(d) > 1 else math.nan
+
+
+def _seed_table(results: list[dict], seeds: list[int], cka: dict[str, dict[int, float]], gap: tuple) -> Table:
+    """The primary contrast seed by seed, with its interval in the last row."""
+    honest, backdoor, twin = cka["retrain"], cka["backdoor"], cka["twin"]
     by_seed = {r["seed"]: r for r in results}
-    seed_rows = []
+    rows = []
     for s in seeds:
-        r = by_seed[s]
-        seed_rows.append([s, f"{honest[s]:.3f}", f"{backdoor[s]:.3f}", f"{backdoor[s] - honest[s]:+.3f}",
-                          f"{twin[s]:.3f}" if s in twin else "–", f"{_effect(r['networks']['retrain']):+.3f}",
-                          f"{_effect(r['networks']['backdoor']):+.3f}"])
+        nets = by_seed[s]["networks"]
+        rows.append([s, f"{honest[s]:.3f}", f"{backdoor[s]:.3f}", f"{backdoor[s] - honest[s]:+.3f}",
+                     f"{twin[s]:.3f}" if s in twin else "–", f"{_effect(nets['retrain']):+.3f}",
+                     f"{_effect(nets['backdoor']):+.3f}"])
     if seeds:
-        seed_rows.append(["mean [95% t]", format_interval(*_t(honest[s] for s in seeds), 3),
-                          format_interval(*_t(backdoor[s] for s in seeds), 3), format_interval(est, lo, hi, 3),
-                          format_interval(*_t(twin[s] for s in seeds if s in twin), 3),
-                          format_interval(*_effect_interval(results, "retrain")[:3], 3),
-                          format_interval(*_effect_interval(results, "backdoor")[:3], 3)])
+        rows.append(["mean [95% t]", format_interval(*_t(honest[s] for s in seeds), 3),
+                     format_interval(*_t(backdoor[s] for s in seeds), 3), format_interval(*gap, 3),
+                     format_interval(*_t(twin[s] for s in seeds if s in twin), 3),
+                     format_interval(*_effect_interval(results, "retrain")[:3], 3),
+                     format_interval(*_effect_interval(results, "backdoor")[:3], 3)])
+    return Table(
+        title="Primary contrast per seed: linear CKA to the reference (last hidden layer, clean test inputs)",
+        columns=["seed", "honest retrain", "backdoored twin", "gap (backdoor − retrain)", "backdoor vs its clean twin",
+                 "trigger effect, retrain", "trigger effect, backdoor"],
+        rows=rows,
+        caption=f"The claim holds when the gap's 95% t interval lies above −{MARGIN:g}. 'Clean twin' = the honest "
+                "retrain with the same init and data order; its honest counterpart (same init, order and data) is the "
+                "retrain itself, CKA 1, so it is not compared with the honest range.")
 
-    # -- every measure, clean and trigger inputs
-    measure_rows, audits = [], []
+
+def _measures_and_audits(config: Config, results: list[dict], metrics: dict) -> tuple[Table, Table, list]:
+    """Every geometric measure on clean and trigger inputs, and the detection table of every audit.
+
+    Returns ``(measures table, audits table, audits)`` with ``audits`` as ``(label, (detected,
+    n_backdoors, false_positives, n_honest))``; counts also go into ``metrics['audit/...']``.
+    """
+    rows, audits = [], []
     for inputs in ("clean", "trigger"):
         for m in config.measures:
-            h, b, t = (_by_seed(results, p, inputs, m) for p in ("retrain", "backdoor", "twin"))
+            h, b, tw = (_by_seed(results, p, inputs, m) for p in ("retrain", "backdoor", "twin"))
             if not h:
                 continue
-            ms, g = _gap(results, "backdoor", inputs, m)
-            gm, glo, ghi = _t(g)
-            sd = float(np.std(list(h.values()), ddof=1)) if len(h) > 1 else math.nan
-            sign = -1.0 if _orientation(m) else 1.0
+            gm, glo, ghi = _t(_gap(results, "backdoor", inputs, m)[1])
+            sign, sd = (-1.0 if _orientation(m) else 1.0), _sd(h)
             inside = sum(sign * v >= min(sign * x for x in h.values()) for v in b.values())
-            metrics[f"geometry/{inputs}/{m}/retrain"] = float(np.mean(list(h.values())))
-            metrics[f"geometry/{inputs}/{m}/backdoor"] = float(np.mean(list(b.values()))) if b else math.nan
+            metrics[f"geometry/{inputs}/{m}/retrain"] = _mean(h)
+            metrics[f"geometry/{inputs}/{m}/backdoor"] = _mean(b)
             metrics[f"geometry/{inputs}/{m}/gap"] = gm
-            measure_rows.append([m, inputs, f"{np.mean(list(h.values())):.3f} ({_range(h.values())})",
-                                 f"{np.mean(list(b.values())):.3f} ({_range(b.values())})" if b else "–",
-                                 format_interval(gm, glo, ghi, 3),
-                                 f"{sign * gm / sd:+.1f}" if sd > 0 and math.isfinite(gm) else "–",
-                                 f"{inside}/{len(b)}", f"{np.mean(list(t.values())):.3f}" if t else "–"])
+            rows.append([m, inputs, f"{_mean(h):.3f} ({_range(h.values())})",
+                         f"{_mean(b):.3f} ({_range(b.values())})" if b else "–", format_interval(gm, glo, ghi, 3),
+                         f"{sign * gm / sd:+.1f}" if sd > 0 and math.isfinite(gm) else "–",
+                         f"{inside}/{len(b)}", f"{_mean(tw):.3f}" if tw else "–"])
             need = "weights, clean data" if inputs == "clean" else "weights, the trigger"
             audits.append((f"{inputs}/{m}", f"{m}, {inputs} inputs", need, _flags(h, b, _orientation(m))))
-    functional = [
-        ("agreement with the reference, clean inputs", "queries, clean data", "agree_clean", False),
-        ("stitching reference→B, accuracy", "weights, labelled clean data", "stitch_accuracy", False),
-        ("ablation-profile r", "weights, clean data", "ablation_r", False),
-        ("agreement with the reference, trigger inputs", "queries, the trigger", "agree_trigger", False),
-    ]
-    for label, need, key, higher in functional:
+    for label, need, key in (
+        ("agreement with the reference, clean inputs", "queries, clean data", "agree_clean"),
+        ("stitching reference→B, accuracy", "weights, labelled clean data", "stitch_accuracy"),
+        ("ablation-profile r", "weights, clean data", "ablation_r"),
+        ("agreement with the reference, trigger inputs", "queries, the trigger", "agree_trigger"),
+    ):
         h, b = _functional_by_seed(results, "retrain", key), _functional_by_seed(results, "backdoor", key)
-        audits.append((f"function/{key}", label, need, _flags(h, b, higher)))
+        audits.append((f"function/{key}", label, need, _flags(h, b, False)))
     h = {r["seed"]: _effect(r["networks"]["retrain"]) for r in results}
     b = {r["seed"]: _effect(r["networks"]["backdoor"]) for r in results}
     audits.append(("function/trigger_effect", "trigger effect of B (ASR − base rate)", "queries, the trigger",
@@ -666,19 +661,40 @@ def analyze(config: Config, records: list[dict]) -> Analysis:
     for key, label, need, (k, n, fp, n_h) in audits:
         metrics[f"audit/{key}"] = {"detected": k, "n": n, "false_positives": fp, "n_honest": n_h}
         audit_rows.append([label, need, _rate(k, n), _rate(fp, n_h)])
+    measures = Table(
+        title="Every geometric measure, clean and trigger inputs: honest retrains vs backdoored networks",
+        columns=["measure", "inputs", "honest retrain: mean (range)", "backdoor: mean (range)", "paired gap [95% t]",
+                 "gap in honest SDs (− = less similar)", "backdoors within honest range", "backdoor vs its clean twin"],
+        rows=rows,
+        caption="All against the seed's reference network. Procrustes is a distance (0 = same); its gap's sign is "
+                "flipped in the SD column so that negative always means 'less similar than honest retrains'.")
+    audit_table = Table(
+        title="Audits: backdoors caught vs honest retrains flagged",
+        columns=["audit", "the auditor needs", "backdoors detected [CP 95%]", "honest retrains flagged [CP 95%]"],
+        rows=audit_rows,
+        caption="Rule: flag a pair whose value lies beyond the range of the other seeds' honest retrains (leave one "
+                "seed out), so an honest retrain is flagged with probability about 1/seeds.")
+    return measures, audit_table, [(label, counts) for _, label, _, counts in audits]
 
-    # -- networks and demonstrations
-    net_rows = []
+
+def _network_table(results: list[dict]) -> Table:
+    rows = []
     for net in ("reference", "retrain", "backdoor", "untrained"):
         nets = [r["networks"][net] for r in results if net in r["networks"]]
         if not nets:
             continue
-        acc = _t([x["accuracy"] for x in nets], bounds=(0.0, 1.0))
         asr = np.mean([x["trigger"]["asr_hits"] / max(1, x["trigger"]["n"]) for x in nets])
         base = np.mean([x["trigger"]["base_hits"] / max(1, x["trigger"]["n"]) for x in nets])
-        net_rows.append([net, format_interval(*acc, 3), f"{asr:.3f}", f"{base:.3f}",
-                         format_interval(*_effect_interval(results, net)[:3], 3)])
-    demo_rows = []
+        rows.append([net, format_interval(*_t([x["accuracy"] for x in nets], bounds=(0.0, 1.0)), 3), f"{asr:.3f}",
+                     f"{base:.3f}", format_interval(*_effect_interval(results, net)[:3], 3)])
+    return Table(title="Networks", rows=rows,
+                 columns=["network", "clean accuracy [95% t]", "attack success rate", "clean base rate",
+                          "trigger effect [95% t]"],
+                 caption="Rates among test inputs whose true class is not the target; trigger effect = ASR − base rate.")
+
+
+def _demo_table(config: Config, results: list[dict], honest: dict[int, float], metrics: dict) -> Table | None:
+    rows = []
     h_min = min(honest.values()) if honest else math.nan
     for name in _demo_names(config):
         cka = _by_seed(results, name, "clean", "linear_cka")
@@ -686,113 +702,123 @@ def analyze(config: Config, records: list[dict]) -> Analysis:
             continue
         case, _, eps = name.partition("@")
         cka_t = _by_seed(results, name, "trigger", "linear_cka")
-        fun = {k: np.mean(list(_functional_by_seed(results, name, k).values()))
+        fun = {k: _mean(_functional_by_seed(results, name, k))
                for k in ("agree_clean", "agree_trigger", "stitch_accuracy", "ablation_r")}
-        te = np.mean([_effect(r["networks"][name]) for r in results if name in r["networks"]])
-        metrics[f"demo/{name}/cka"] = float(np.mean(list(cka.values())))
-        metrics[f"demo/{name}/trigger_effect"] = float(te)
-        demo_rows.append([case, eps or "–", DEMO_DOC[case], f"{np.mean(list(cka.values())):.4f}",
-                          f"{np.mean(list(cka_t.values())):.4f}" if cka_t else "–",
-                          f"{sum(v >= h_min for v in cka.values())}/{len(cka)}",
-                          f"{fun['agree_clean']:.3f}", f"{fun['agree_trigger']:.3f}", f"{te:+.3f}",
-                          f"{fun['stitch_accuracy']:.3f}", f"{fun['ablation_r']:.2f}"])
+        te = float(np.mean([_effect(r["networks"][name]) for r in results if name in r["networks"]]))
+        metrics[f"demo/{name}/cka"] = _mean(cka)
+        metrics[f"demo/{name}/trigger_effect"] = te
+        rows.append([case, eps or (f"{min(config.epsilons):g}" if case == "hidden_trigger" else "–"),
+                     DEMO_DOC[case], f"{_mean(cka):.4f}", f"{_mean(cka_t):.4f}" if cka_t else "–",
+                     f"{sum(v >= h_min for v in cka.values())}/{len(cka)}", f"{fun['agree_clean']:.3f}",
+                     f"{fun['agree_trigger']:.3f}", f"{te:+.3f}", f"{fun['stitch_accuracy']:.3f}",
+                     f"{fun['ablation_r']:.2f}"])
+    if not rows:
+        return None
+    return Table(
+        title="Labelled demonstrations: blind by construction (distribution shift, not evidence about trained networks)",
+        columns=["construction", "ε", "what it is", "CKA clean", "CKA trigger", "CKA ≥ lowest honest retrain",
+                 "agreement clean", "agreement trigger", "trigger effect", "stitched accuracy", "ablation r"],
+        rows=rows,
+        caption="Built from each seed's reference network; means over seeds. ε scales the extra channel relative to "
+                "the layer's RMS unit scale.")
 
-    tables = [
-        Table(title="Primary contrast per seed: linear CKA to the reference (last hidden layer, clean test inputs)",
-              columns=["seed", "honest retrain", "backdoored twin", "gap (backdoor − retrain)",
-                       "backdoor vs its clean twin", "trigger effect, retrain", "trigger effect, backdoor"],
-              rows=seed_rows,
-              caption=f"The claim holds when the gap's 95% t interval lies above −{MARGIN:g}. 'Clean twin' = the honest "
-                      "retrain with the same init and data order; its honest counterpart (same init, order and data) is "
-                      "the retrain itself, CKA 1, so it is not compared with the honest range."),
-        Table(title="Every geometric measure, clean and trigger inputs: honest retrains vs backdoored networks",
-              columns=["measure", "inputs", "honest retrain: mean (range)", "backdoor: mean (range)",
-                       "paired gap [95% t]", "gap in honest SDs (− = less similar)", "backdoors within honest range",
-                       "backdoor vs its clean twin"],
-              rows=measure_rows,
-              caption="All against the seed's reference network. Procrustes is a distance (0 = same); its gap's sign is "
-                      "flipped in the SD column so that negative always means 'less similar than honest retrains'."),
-        Table(title="Audits: backdoors caught vs honest retrains flagged",
-              columns=["audit", "the auditor needs", "backdoors detected [CP 95%]", "honest retrains flagged [CP 95%]"],
-              rows=audit_rows,
-              caption="Rule: flag a pair whose value lies beyond the range of the other seeds' honest retrains "
-                      "(leave one seed out), so an honest retrain is flagged with probability about 1/seeds."),
-        Table(title="Networks", columns=["network", "clean accuracy [95% t]", "attack success rate", "clean base rate",
-                                         "trigger effect [95% t]"], rows=net_rows,
-              caption="Rates among test inputs whose true class is not the target; trigger effect = ASR − base rate."),
-    ]
-    if demo_rows:
-        tables.append(Table(
-            title="Labelled demonstrations: blind by construction (distribution shift, not evidence about trained networks)",
-            columns=["construction", "ε", "what it is", "CKA clean", "CKA trigger", "CKA ≥ lowest honest retrain",
-                     "agreement clean", "agreement trigger", "trigger effect", "stitched accuracy", "ablation r"],
-            rows=demo_rows,
-            caption="Built from each seed's reference network; means over seeds. ε scales the extra channel relative "
-                    "to the layer's RMS unit scale."))
 
-    contrast = (
-        f"Backdoored twins of honest retrains ({gaps.size} seeds, poison fraction {config.poison_fraction:g}) vs the "
-        f"honest retrains: linear CKA to the reference {metrics['backdoor/cka_mean']:.3f} vs {metrics['honest/cka_mean']:.3f}; "
-        f"paired gap {format_interval(est, lo, hi, 3)}, margin −{MARGIN:g}."
-    ) if gaps.size else "No seed finished; nothing to compare."
-    findings = []
-    if gaps.size:
-        k_in = sum(backdoor[s] >= min(honest.values()) for s in seeds)
-        findings.append(
-            f"Honest retrains reach linear CKA {_range(honest.values())} to the reference (SD {h_sd:.3f}); the backdoored "
-            f"twins reach {_range(backdoor.values())}, {k_in} of {len(seeds)} within the honest range. The mean gap "
-            f"{est:+.3f} is {metrics['blindness/gap_in_honest_sd']:+.1f} honest SDs.")
-        if twin:
-            lo_h, hi_h = min(honest.values()), max(honest.values())
-            k_tw = sum(lo_h <= v <= hi_h for v in twin.values())
-            findings.append(
-                f"A backdoored network's CKA to its own clean twin (same init and data order) is {_range(twin.values())}, "
-                f"mean {metrics['twin/cka_mean']:.3f} (vs {metrics['backdoor/cka_mean']:.3f} to the independent reference); "
-                f"{k_tw} of {len(twin)} lie within the honest-retrain range. That comparison is not like with like: the "
-                "honest counterpart of a twin pair is the retrain itself (CKA 1), and the shared init and data order "
-                "raise CKA by an amount no honest pair of independent retrains measures.")
-        te_b, te_r = metrics["trigger_effect/backdoor"], metrics["trigger_effect/retrain"]
-        findings.append(f"Trigger effect (ASR − clean base rate): backdoored {te_b:+.3f}, honest retrains {te_r:+.3f}.")
-        caught = [label for _, label, _, (k, n, _, _) in audits if n and k == n]
-        missed = [label for _, label, _, (k, n, _, _) in audits if n and k == 0]
+def _findings(config: Config, cka: dict[str, dict[int, float]], metrics: dict, audits: list, controls: list) -> list[str]:
+    honest, backdoor, twin = cka["retrain"], cka["backdoor"], cka["twin"]
+    out = []
+    if honest and backdoor:
+        k_in = sum(v >= min(honest.values()) for v in backdoor.values())
+        out.append(
+            f"Honest retrains reach linear CKA {_range(honest.values())} to the reference (SD {_sd(honest):.3f}); the "
+            f"backdoored twins reach {_range(backdoor.values())}, {k_in} of {len(backdoor)} within the honest range. "
+            f"The mean gap {metrics['blindness/cka_gap']:+.3f} is {metrics['blindness/gap_in_honest_sd']:+.1f} honest SDs.")
+    if honest and twin:
+        k_tw = sum(min(honest.values()) <= v <= max(honest.values()) for v in twin.values())
+        out.append(
+            f"A backdoored network's CKA to its own clean twin (same init and data order) is {_range(twin.values())}, "
+            f"mean {_mean(twin):.3f} (vs {_mean(backdoor):.3f} to the independent reference); {k_tw} of {len(twin)} lie "
+            "within the honest-retrain range. That comparison is not like with like: the honest counterpart of a twin "
+            "pair is the retrain itself (CKA 1), and the shared init and data order raise CKA by an amount no honest "
+            "pair of independent retrains measures.")
+    if backdoor:
+        out.append(f"Trigger effect (ASR − clean base rate): backdoored {metrics['trigger_effect/backdoor']:+.3f}, "
+                   f"honest retrains {metrics['trigger_effect/retrain']:+.3f}.")
+        caught = [label for label, (k, n, _, _) in audits if n and k == n]
+        missed = [label for label, (k, n, _, _) in audits if n and k == 0]
         if caught:
-            findings.append(f"Audits that flag every backdoor: {'; '.join(caught)}.")
+            out.append(f"Audits that flag every backdoor: {'; '.join(caught)}.")
         if missed:
-            findings.append(f"Audits that flag no backdoor: {'; '.join(missed)}.")
-    for c in controls:
-        if c.status != "pass":
-            findings.append(f"Control '{c.name}' {c.status}: {c.detail}.")
-    lvr = [(n.partition("@")[2], metrics[f"demo/{n}/cka"]) for n in _demo_names(config)
-           if n.startswith("low_variance_readout") and f"demo/{n}/cka" in metrics]
+            out.append(f"Audits that flag no backdoor: {'; '.join(missed)}.")
+    out += [f"Control '{c.name}' {c.status}: {c.detail}." for c in controls if c.status != "pass"]
+    lvr = [(n.partition("@")[2], metrics[f"demo/{n}/cka"]) for n in _demo_names(config) if f"demo/{n}/cka" in metrics
+           and n.startswith("low_variance_readout")]
     if lvr:
-        findings.append(
+        out.append(
             "Demonstration (blind by construction): a readout of a channel of scale ε changes every prediction while "
             f"linear CKA is {', '.join(f'{v:.4f} at ε = {e}' for e, v in lvr)}; it stays blind only while the channel's "
             "variance is a small share of the layer's.")
     if "demo/hidden_trigger/cka" in metrics:
-        findings.append(
+        out.append(
             f"Demonstration (blind by construction): the hidden trigger has CKA {metrics['demo/hidden_trigger/cka']:.4f} "
             f"on clean inputs and trigger effect {metrics['demo/hidden_trigger/trigger_effect']:+.3f}: its channel is "
             "zero wherever CKA looks, a distribution shift rather than a weakness of rotation invariance.")
-    headline = (
-        f"A trained backdoor moves linear CKA to the reference by {format_interval(est, lo, hi, 3)} relative to an honest "
-        f"retrain ({gaps.size} seeds; margin −{MARGIN:g}); verdict: {verdict.label}."
-    ) if gaps.size else f"No seed finished; verdict: {verdict.label}."
+    return out
+
+
+def analyze(config: Config, records: list[dict]) -> Analysis:
+    results = _completed(records)
+    seeds, gaps = _gap(results, "backdoor")
+    est, lo, hi = _t(gaps)
+    controls = _controls(results, config)
+    verdict = VerdictRecord.from_interval(
+        CLAIM, est if gaps.size else None, lo, hi, n=int(gaps.size), controls=controls,
+        interval_method=f"paired Student t over {gaps.size} seeds (one reference per seed; the backdoor shares the "
+                        "retrain's init and data order)",
+    )
+    cka = {p: _by_seed(results, p, "clean", "linear_cka") for p in ("retrain", "backdoor", "twin")}
+    honest = cka["retrain"]
+    metrics: dict[str, Any] = {
+        "blindness/cka_gap": est, "blindness/ci": [lo, hi], "blindness/n_seeds": int(gaps.size),
+        "blindness/gap_in_honest_sd": est / _sd(honest) if _sd(honest) > 0 else math.nan,
+        "honest/cka_mean": _mean(honest), "honest/cka_sd": _sd(honest),
+        "honest/cka_range": [min(honest.values()), max(honest.values())] if honest else None,
+        "backdoor/cka_mean": _mean(cka["backdoor"]), "twin/cka_mean": _mean(cka["twin"]),
+    }
+    metrics.update({f"control/{c.name}": c.estimate for c in controls})
+    for net in ("reference", "retrain", "backdoor"):
+        m, elo, ehi, _ = _effect_interval(results, net)
+        metrics[f"trigger_effect/{net}"], metrics[f"trigger_effect/{net}_ci"] = m, [elo, ehi]
+
+    measure_table, audit_table, audits = _measures_and_audits(config, results, metrics)
+    tables = [_seed_table(results, seeds, cka, (est, lo, hi)), measure_table, audit_table, _network_table(results)]
+    demo = _demo_table(config, results, honest, metrics)
+    tables += [demo] if demo else []
+
+    if gaps.size:
+        contrast = (
+            f"Backdoored twins of honest retrains ({gaps.size} seeds, poison fraction {config.poison_fraction:g}) vs the "
+            f"honest retrains: linear CKA to the reference {metrics['backdoor/cka_mean']:.3f} vs "
+            f"{metrics['honest/cka_mean']:.3f}; paired gap {format_interval(est, lo, hi, 3)}, margin −{MARGIN:g}.")
+        headline = (
+            f"A trained backdoor moves linear CKA to the reference by {format_interval(est, lo, hi, 3)} relative to an "
+            f"honest retrain ({gaps.size} seeds; margin −{MARGIN:g}); verdict: {verdict.label}.")
+    else:
+        contrast, headline = "No seed finished; nothing to compare.", f"No seed finished; verdict: {verdict.label}."
     notes = [
         f"Networks: the shared MLP {config.hidden_sizes} trained by backprop (Adam) on {config.dataset} for "
         f"{config.epochs} epochs; the last hidden layer is compared on the test set (our choice; the essay is silent).",
-        "Reference distribution: each seed's honest retrain, compared with that seed's reference; the backdoored network "
+        "Reference distribution: each seed's honest retrain against that seed's reference; the backdoored network "
         "shares the retrain's init and data order, so the paired gap isolates the poison.",
         f"Trigger: features {list(config.trigger_pixels)} set to {config.trigger_value:g}; target class "
         f"{config.target_class}; poison fraction {config.poison_fraction:g} (our choice).",
         "Stitching: ridge regression (alpha 1e-3) from the reference's layer onto B's on the training set, then B's "
         "readout (Csiszárik et al. 2021). Ablation: mean-ablate each principal direction of each network's layer; "
         "profile = drop in agreement with the intact network; compared by Pearson r.",
-        f"Constructed channels scale with ε × the layer's RMS unit scale, ε in {list(config.epsilons)}; the control uses "
-        "the smallest ε (CKA on clean inputs is 1 at every ε).",
+        f"Constructed channels scale with ε × the layer's RMS unit scale, ε in {list(config.epsilons)}; the hidden "
+        "trigger (and its control) uses the smallest ε: its channel is zero on clean inputs at any ε.",
     ]
     return Analysis(verdict=verdict, headline=headline, metrics=metrics, tables=tables, controls=controls,
-                    contrast=contrast, findings=findings, setup_notes=notes)
+                    contrast=contrast, findings=_findings(config, cka, metrics, audits, controls), setup_notes=notes)
 
 
 def plots(config: Config, records: list[dict], analysis: Analysis, out_dir: Path) -> list[Figure]:
