@@ -835,12 +835,19 @@ def plots(config: Config, records: list[dict], analysis: Analysis, out_dir: Path
     cols += [(n.replace("@", "\nε=").replace("_", " "), n) for n in _demo_names(config)]
     fig, ax = plt.subplots(figsize=(max(6.5, 0.75 * len(cols) + 2), 4.6))
     rng = np.random.default_rng(0)  # jitter only
+    trained = [v for _, p in cols[:3] for v in _by_seed(results, p, "clean", "linear_cka").values()]
+    floor = min(trained, default=0.9) - 0.03  # constructions far below the trained pairs are drawn at the floor
     for i, (_, pair) in enumerate(cols):
-        v = list(_by_seed(results, pair, "clean", "linear_cka").values())
-        ax.scatter(i + rng.uniform(-0.15, 0.15, len(v)), v, s=16, alpha=0.75, color="C0" if i == 0 else ("C3" if i < 3 else "C7"))
+        v = np.array(list(_by_seed(results, pair, "clean", "linear_cka").values()))
+        colour = "C0" if i == 0 else ("C3" if i < 3 else "C7")
+        ax.scatter(i + rng.uniform(-0.15, 0.15, v.size), np.maximum(v, floor), s=16, alpha=0.75, color=colour,
+                   marker="o" if (v >= floor).all() else "v")
+        if v.size and (v < floor).any():
+            ax.annotate(f"{v.mean():.3f}", (i, floor), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     if honest:
         ax.axhspan(min(honest.values()), max(honest.values()), color="C0", alpha=0.12, label="honest-retrain range")
         ax.axhline(np.mean(list(honest.values())) - MARGIN, color="k", ls="--", lw=0.8, label=f"honest mean − {MARGIN:g}")
+    ax.set_ylim(floor - 0.005, 1.005)
     ax.set_xticks(range(len(cols)), [c[0] for c in cols], fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("linear CKA to the reference (clean inputs)")
     ax.set_title("Is a backdoored network farther from the reference than an honest retrain?")
@@ -876,7 +883,7 @@ def plots(config: Config, records: list[dict], analysis: Analysis, out_dir: Path
     return [
         Figure(path="cka_to_reference.png",
                caption="Linear CKA to each seed's reference: honest retrains (band: their range), backdoored twins, each "
-                       "backdoor against its clean twin, and the constructed demonstrations (grey; blind by construction)."),
+                       "backdoor against its clean twin, and the constructed demonstrations (grey; blind by construction; ▼ = below the axis, mean shown)."),
         Figure(path="gap_by_measure.png",
                caption="Paired gap backdoor − honest retrain for every geometric measure on clean (blue) and trigger (red) "
                        "inputs, in honest seed-to-seed SDs; the dashed line at −1.645 SD is where a 5%-false-positive "
