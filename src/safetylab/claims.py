@@ -180,8 +180,9 @@ def judge_control(
         return None if v is None or not math.isfinite(v) else float(v)
 
     est, lo, hi = clean(estimate), clean(ci_low), clean(ci_high)
-    if est is None:
-        status: ControlStatus = "not run"
+    if est is None or lo is None or hi is None:
+        status: ControlStatus = "not run"  # nothing measured, or too few units for an interval
+        detail = detail or "no interval: too few units finished"
     elif control.kind == "positive":
         status = "pass" if lo is not None and lo > control.threshold else "fail"
     else:

@@ -199,16 +199,19 @@ def default_cache_dir() -> Path:
 
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op threads (workers use 1 to avoid oversubscription)."""
+    """Temporarily set torch's intra-op threads and the BLAS/OpenMP pools numpy and
+    scikit-learn use (workers use 1 to avoid oversubscription)."""
     if n is None:
         with nullcontext():
             yield
         return
     import torch
+    from threadpoolctl import threadpool_limits
 
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        yield
+        with threadpool_limits(limits=n):
+            yield
     finally:
         torch.set_num_threads(old)
