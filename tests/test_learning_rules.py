@@ -111,3 +111,34 @@ def _one_torch_thread():
 
     with torch_threads(1):
         yield
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_on_step_sees_every_update_with_the_current_weights(name, digits):
+    rule = RULES[name]
+    small = digits.subsample_train(100, np.random.default_rng(0))
+    hp = rule.Hyperparams(**({"steps": 5} if "steps" in rule.Hyperparams.model_fields else {"epochs": 2}))
+    model = make_init(SIZES, 0)
+    seen, firsts = [], []
+
+    def on_step(step, total):
+        seen.append((step, total))
+        firsts.append(model.layers[0].weight[0, :3].clone())
+
+    rule.train(model, small, seed=0, hp=hp, on_step=on_step)
+    total = seen[0][1]
+    assert [s for s, _ in seen] == list(range(1, total + 1)) and {t for _, t in seen} == {total}
+    assert not torch.equal(firsts[0], make_init(SIZES, 0).layers[0].weight[0, :3])  # already updated
+    assert torch.equal(firsts[-1], model.layers[0].weight[0, :3])  # the last call saw the final weights
+
+
+def test_feedback_seed_fixes_the_feedback_matrices_apart_from_the_data_order(digits, monkeypatch):
+    from safetylab.learning import feedback_alignment as fa
+
+    small = digits.subsample_train(100, np.random.default_rng(0))
+    seen, real = [], fa.feedback_matrices
+    monkeypatch.setattr(fa, "feedback_matrices", lambda model, seed: seen.append(seed) or real(model, seed))
+    for seed in (1, 2):
+        fa.train(make_init(SIZES, 0), small, seed=seed, hp=fa.Hyperparams(epochs=1), feedback_seed=9)
+    fa.train(make_init(SIZES, 0), small, seed=3, hp=fa.Hyperparams(epochs=1))
+    assert seen == [9, 9, 3]

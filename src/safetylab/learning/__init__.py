@@ -1,7 +1,8 @@
 """Learning rules that train one shared MLP (``learning.mlp``) from one saved initialisation.
 
 Each rule is one module with ``Hyperparams`` (defaults tuned for scikit-learn digits),
-``train(model, data, *, seed, hp=None) -> {"loss": [...]}`` (in place),
+``train(model, data, *, seed, hp=None, on_step=None) -> {"loss": [...]}`` (in place; ``on_step(step,
+total_steps)`` is called after every update, for checkpoints),
 ``predict(model, x) -> labels``, ``hidden(model, x) -> [per-layer activations]`` and
 ``ACCURACY_BAR_DIGITS``, the test accuracy its docstring promises on digits.
 ``RULES`` maps names to modules.

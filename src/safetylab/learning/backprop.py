@@ -10,12 +10,14 @@ accuracy (tested in ``tests/test_learning_rules.py``).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from safetylab.data import VisionData
-from safetylab.learning.mlp import MLP, batches, to_tensors
+from safetylab.learning.mlp import MLP, batches, n_batches, to_tensors
 
 ACCURACY_BAR_DIGITS = 0.93
 
@@ -30,13 +32,25 @@ class Hyperparams(BaseModel):
     """Adam learning rate."""
 
 
-def train(model: MLP, data: VisionData, *, seed: int, hp: Hyperparams | None = None) -> dict:
-    """Train ``model`` in place; ``seed`` fixes the data order. Returns ``{"loss": [per epoch]}``."""
+def train(
+    model: MLP,
+    data: VisionData,
+    *,
+    seed: int,
+    hp: Hyperparams | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Train ``model`` in place; ``seed`` fixes the data order. Returns ``{"loss": [per epoch]}``.
+
+    ``on_step(step, total_steps)`` is called after every update (step counts from 1), with
+    ``model`` holding the current weights.
+    """
     hp = hp or Hyperparams()
     rng = np.random.default_rng(seed)
     x, y = to_tensors(data.x_train, data.y_train)
     opt = torch.optim.Adam(model.parameters(), lr=hp.lr)
     losses = []
+    total_steps, step = hp.epochs * n_batches(len(y), hp.batch_size), 0
     for _ in range(hp.epochs):
         total = 0.0
         for idx in batches(len(y), hp.batch_size, rng):
@@ -45,6 +59,9 @@ def train(model: MLP, data: VisionData, *, seed: int, hp: Hyperparams | None = N
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
+            step += 1
+            if on_step is not None:
+                on_step(step, total_steps)
         losses.append(total / len(y))
     return {"loss": losses}
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 
+from typing import Callable
+
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from safetylab.data import VisionData
-from safetylab.learning.mlp import MLP, batches, to_tensors
+from safetylab.learning.mlp import MLP, batches, n_batches, to_tensors
 
 ACCURACY_BAR_DIGITS = 0.90
 
@@ -64,19 +66,37 @@ def fa_gradients(model: MLP, feedback: list[torch.Tensor], x: torch.Tensor, y: t
     return loss
 
 
-def train(model: MLP, data: VisionData, *, seed: int, hp: Hyperparams | None = None) -> dict:
-    """Train ``model`` in place; ``seed`` fixes the data order and the feedback matrices."""
+def train(
+    model: MLP,
+    data: VisionData,
+    *,
+    seed: int,
+    hp: Hyperparams | None = None,
+    feedback_seed: int | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Train ``model`` in place; ``seed`` fixes the data order (and the feedback matrices
+    unless ``feedback_seed`` is given: the fixed random ``B`` are part of the network's
+    initialisation, so a study that varies only the data order fixes them).
+
+    ``on_step(step, total_steps)`` is called after every update (step counts from 1), with
+    ``model`` holding the current weights.
+    """
     hp = hp or Hyperparams()
     rng = np.random.default_rng(seed)
-    feedback = feedback_matrices(model, seed)
+    feedback = feedback_matrices(model, seed if feedback_seed is None else feedback_seed)
     x, y = to_tensors(data.x_train, data.y_train)
     opt = torch.optim.Adam(model.parameters(), lr=hp.lr)
     losses = []
+    total_steps, step = hp.epochs * n_batches(len(y), hp.batch_size), 0
     for _ in range(hp.epochs):
         total = 0.0
         for idx in batches(len(y), hp.batch_size, rng):
             total += fa_gradients(model, feedback, x[idx], y[idx]) * len(idx)
             opt.step()
+            step += 1
+            if on_step is not None:
+                on_step(step, total_steps)
         losses.append(total / len(y))
     return {"loss": losses}
 

@@ -23,12 +23,14 @@ scikit-learn digits reaches **≥ 0.80** test accuracy by goodness (tested).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from safetylab.data import VisionData
-from safetylab.learning.mlp import MLP, batches, to_tensors
+from safetylab.learning.mlp import MLP, batches, n_batches, to_tensors
 
 ACCURACY_BAR_DIGITS = 0.80
 
@@ -70,8 +72,20 @@ def _goodness(a: torch.Tensor) -> torch.Tensor:
     return a.pow(2).mean(dim=1)
 
 
-def train(model: MLP, data: VisionData, *, seed: int, hp: Hyperparams | None = None) -> dict:
-    """Train ``model`` in place; ``seed`` fixes data order and negative labels."""
+def train(
+    model: MLP,
+    data: VisionData,
+    *,
+    seed: int,
+    hp: Hyperparams | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Train ``model`` in place; ``seed`` fixes data order and negative labels.
+
+    ``on_step(step, total_steps)`` is called after every update of the hidden layers (step
+    counts from 1; the softmax readout is fitted after the last one), with ``model``
+    holding the current weights.
+    """
     hp = hp or Hyperparams()
     n_classes = model.sizes[-1]
     if model.sizes[0] < n_classes:
@@ -81,6 +95,7 @@ def train(model: MLP, data: VisionData, *, seed: int, hp: Hyperparams | None = N
     hidden_params = [p for layer in model.layers[:-1] for p in layer.parameters()]
     opt = torch.optim.Adam(hidden_params, lr=hp.lr)
     losses = []
+    total_steps, step = hp.epochs * n_batches(len(y), hp.batch_size), 0
     for _ in range(hp.epochs):
         total = 0.0
         for idx in batches(len(y), hp.batch_size, rng):
@@ -101,6 +116,9 @@ def train(model: MLP, data: VisionData, *, seed: int, hp: Hyperparams | None = N
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
+            step += 1
+            if on_step is not None:
+                on_step(step, total_steps)
         losses.append(total / len(y))
     _fit_readout(model, x, y, hp, rng)
     return {"loss": losses}

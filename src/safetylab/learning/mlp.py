@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["MLP", "batches", "ensure_init", "load_init", "make_init", "save_init"]
+__all__ = ["MLP", "batches", "ensure_init", "load_init", "make_init", "n_batches", "save_init"]
 
 
 class MLP(nn.Module):
@@ -116,6 +116,11 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarra
     """Index arrays of one shuffled epoch (the last batch may be smaller)."""
     perm = rng.permutation(n)
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def n_batches(n: int, batch_size: int) -> int:
+    """Minibatches per epoch of :func:`batches` (the last one may be smaller)."""
+    return -(-n // batch_size)
 
 
 def to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
