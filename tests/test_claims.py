@@ -36,3 +36,38 @@ def test_verdict_record_cleans_non_finite_bounds():
 def test_threat_model_rejects_unknown_access():
     with pytest.raises(ValueError):
         ThreatModel(deployer="d", adversary="a", access="root", budget="b", protected="p")
+
+
+# --------------------------------------------------------------------------- controls decide validity, not the verdict
+from safetylab.claims import Contrast, Control, control_not_run, judge_control  # noqa: E402
+
+POS = Control(name="pos", kind="positive", arms=("a",), measure="m", threshold=0.1, reason="r")
+NEG = Control(name="neg", kind="negative", arms=("b",), measure="m", threshold=0.1, reason="r")
+WITH = Claim(statement="s", metric="m/x", direction="greater", threshold=0.1, controls=(POS, NEG),
+             contrast=Contrast(treatment=("t",), measure="m", unit="seeds", threshold_reason="why"))
+
+
+@pytest.mark.parametrize(
+    "control, lo, hi, status",
+    [
+        (POS, 0.2, 0.5, "pass"),    # shows the effect
+        (POS, 0.05, 0.5, "fail"),   # cannot show it: the measurement may be blind
+        (NEG, 0.0, 0.05, "pass"),
+        (NEG, 0.05, 0.5, "pass"),   # no clear effect: not a failure
+        (NEG, 0.2, 0.5, "fail"),    # invents an effect that is not there
+        (POS, None, None, "not run"),
+    ],
+)
+def test_control_status(control, lo, hi, status):
+    assert judge_control(control, 0.3, lo, hi).status == status
+
+
+def test_a_failed_or_missing_control_makes_the_verdict_inconclusive():
+    ok = [judge_control(POS, 0.5, 0.3, 0.7), judge_control(NEG, 0.0, -0.02, 0.02)]
+    rec = VerdictRecord.from_interval(WITH, 0.4, 0.2, 0.6, n=3, interval_method="t", controls=ok)
+    assert rec.verdict is Verdict.HOLDS and rec.reason == "" and rec.unit == "seeds"
+    bad = [judge_control(POS, 0.05, 0.0, 0.1), control_not_run(NEG, ["b"])]
+    rec = VerdictRecord.from_interval(WITH, 0.4, 0.2, 0.6, n=3, interval_method="t", controls=bad)
+    assert rec.verdict is Verdict.INCONCLUSIVE and rec.contrast_verdict is Verdict.HOLDS
+    assert rec.reason == "control failed: pos; control not run: neg"
+    assert rec.label == "inconclusive (control failed: pos; control not run: neg)"

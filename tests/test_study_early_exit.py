@@ -19,7 +19,7 @@ from safetylab.studies.early_exit import CLAIM, STUDY, Config, default_depths
 CLAIM_THRESHOLD = CLAIM.threshold
 
 TINY = {"organism_scale": "tiny", "models": ["base", "sft", "sft-late", "depth-robust"], "n_harmful": 60,
-        "n_benign": 20, "n_lookalike": 20, "max_new_tokens": 40, "organism_seeds": 2, "shared_base": True}
+        "n_benign": 20, "n_lookalike": 20, "max_new_tokens": 40, "organism_seeds": 3, "shared_base": True}
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +50,16 @@ def test_controls_and_units_on_tiny_organisms(tiny_run) -> None:
     config, ctx, records, analysis = tiny_run
     m = analysis.metrics
     assert [r["key"] for r in records] == [
-        "model=base/seed=0", "model=sft/seed=0", "model=sft/seed=1", "model=sft-late/seed=0",
-        "model=sft-late/seed=1", "model=depth-robust/seed=0", "model=depth-robust/seed=1"]
+        "model=base/seed=0", "model=sft/seed=0", "model=sft/seed=1", "model=sft/seed=2", "model=sft-late/seed=0",
+        "model=sft-late/seed=1", "model=sft-late/seed=2", "model=depth-robust/seed=0", "model=depth-robust/seed=1",
+        "model=depth-robust/seed=2"]
     base = _by(records, "base")
     assert all(r["result"]["n_layers"] == 2 for r in records)
     # sft-late trains only the last layer (embeddings, layer 1, final norm and head frozen), so
     # exiting after layer 1 gives exactly the base organism's replies -- for every seed, since
     # all seeds are fine-tuned from one shared base. Its safety training is cut out by construction,
     # which is why it is the positive control and not a treatment.
-    for seed in (0, 1):
+    for seed in (0, 1, 2):
         late = _by(records, "sft-late", seed)
         assert late["settings"][0]["depth"] == 1
         assert late["settings"][0]["responses"] == base["settings"][0]["responses"]
