@@ -1,120 +1,183 @@
-"""Study `learning-rules`: a tiny real run, the analysis on constructed records, bad config."""
+"""Study `learning-rules`: the design on a tiny real run, the decision rule on simulated and
+constructed records, IDX data built here, and bad input at the CLI."""
 
 from __future__ import annotations
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+import safetylab.studies.learning_rules as lr
 from safetylab.claims import Verdict
-from safetylab.learning import load_init
+from safetylab.learning import RULES, backprop, load_init
 from safetylab.metrics.similarity import linear_cka
-from safetylab.studies.learning_rules import STUDY, Config, decode_array, encode_array
+from safetylab.studies.learning_rules import STUDY, decode_array, encode_array
 from safetylab.study import Context, torch_threads
 
-TINY = {
-    "rules": ("backprop", "feedback_alignment", "forward_forward"),
-    "seeds": 2,
-    "hidden_sizes": (32, 16),
-    "probe_size": 120,
-    "budget": 0.5,
-}
+TINY = {"seeds": 2, "hidden_sizes": (32, 16), "probe_size": 60, "budget": 0.5, "train_subsample": 1000,
+        "match_accuracy": 0.5}
+
+
+def _run(config, run_dir):
+    ctx = Context(run_dir=run_dir, seed=0, cache_dir=run_dir)
+    with torch_threads(1):
+        STUDY.prepare(config, ctx)
+        return ctx, [{"key": u.key, "params": u.params, "result": STUDY.run_unit(config, u, ctx)} for u in STUDY.units(config)]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("lr_run")
     config = STUDY.resolve_config("quick", TINY)
-    ctx = Context(run_dir=run_dir, seed=0, cache_dir=run_dir)
-    with torch_threads(1):
-        STUDY.prepare(config, ctx)
-        records = [{"key": u.key, "params": u.params, "result": STUDY.run_unit(config, u, ctx)} for u in STUDY.units(config)]
+    ctx, records = _run(config, tmp_path_factory.mktemp("lr_run"))
     return config, ctx, records
 
 
-def test_same_init_across_rules_different_across_seeds(tiny_run):
+# --------------------------------------------------------------------------- design
+
+
+def test_replicates_share_an_init_across_rules_and_orders_not_across_replicates(tiny_run):
     config, ctx, records = tiny_run
-    by_seed = {}
-    for r in records:
-        by_seed.setdefault(r["result"]["seed"], set()).add((r["result"]["init_file"], r["result"]["train_seed"]))
-    assert all(len(v) == 1 for v in by_seed.values())  # one init file and data order per seed
-    files = [next(iter(v))[0] for v in by_seed.values()]
-    assert len(set(files)) == 2
-    w0 = load_init(ctx.run_dir / "artifacts" / files[0]).layers[0].weight
-    w1 = load_init(ctx.run_dir / "artifacts" / files[1]).layers[0].weight
-    assert not np.allclose(w0.detach().numpy(), w1.detach().numpy())
-    assert records[0]["result"]["sizes"] == [64, 32, 16, 10]
+    res = [r["result"] for r in records]
+    assert {r["arm"] for r in res} == {*config.rules, "init", "backprop-twin"}
+    for s in range(config.seeds):
+        rep = [r for r in res if r["seed"] == s]
+        assert len({r["init_file"] for r in rep}) == 1  # one init per replicate, every arm
+        # order a is one training seed for every rule; order b another; the twin a third
+        assert len({r["train_seed"] for r in rep if r["order"] == "a"}) == 1
+        assert len({r["train_seed"] for r in rep if r["order"] in ("a", "b", "c")}) == 3
+    files = sorted({r["init_file"] for r in res})
+    assert len(files) == config.seeds
+    w0, w1 = (load_init(ctx.run_dir / "artifacts" / f).layers[0].weight.detach().numpy() for f in files)
+    assert not np.allclose(w0, w1)
+    assert res[0]["sizes"] == [64, 32, 16, 10]
+
+
+def test_every_rule_is_read_through_the_same_pass_on_the_same_inputs(tiny_run):
+    config, ctx, records = tiny_run
+    rec = next(r["result"] for r in records if r["result"]["arm"] == "init")
+    model = load_init(ctx.run_dir / "artifacts" / rec["init_file"])
+    data = lr._load_data(config)
+    probe = data.x_test[: config.probe_size]
+    assert np.all(probe[:, :10] == lr.LABEL_SLOT_VALUE) and np.all(data.x_train[:, :10] == lr.LABEL_SLOT_VALUE)
+    np.testing.assert_allclose(decode_array(rec["final"]["hidden"][1]), model.hidden(probe)[1], rtol=1e-6)
+    ff = [r["result"] for r in records if r["result"]["arm"] == "forward_forward"]
+    assert all(v[0] == pytest.approx(1.0) for v in (r["own_pass_linear_cka"] for r in ff))  # layer 1: same pass
+    matched = [r["result"] for r in records if r["result"]["matched"] is not None]
+    assert len(matched) >= len(records) // 2
+    for r in matched:
+        assert r["matched"]["test_accuracy"] >= r["match_accuracy"] and r["matched"]["step"] <= r["total_steps"]
+        assert r["matched"]["hidden"] != r["final"]["hidden"]
 
 
 def test_run_unit_is_deterministic(tiny_run):
     config, ctx, records = tiny_run
-    unit = STUDY.units(config)[1]
+    unit = next(u for u in STUDY.units(config) if u.key == "feedback_alignment/seed1/b")
     with torch_threads(1):
         again = STUDY.run_unit(config, unit, ctx)
-    first = records[1]["result"]
-    assert again["test_accuracy"] == first["test_accuracy"]
-    assert again["hidden"] == first["hidden"]
+    first = next(r["result"] for r in records if r["key"] == unit.key)
+    assert again["final"] == first["final"] and again["accuracy_trace"] == first["accuracy_trace"]
 
 
-def test_tiny_run_analysis_and_verdict_direction(tiny_run, tmp_path):
+def test_tiny_run_analysis_is_recomputable_from_stored_activations(tiny_run, tmp_path):
     config, _, records = tiny_run
     analysis = STUDY.analyze(config, records)
     m = analysis.metrics
-    # the per-seed gaps are recomputable from the stored activations
-    acts = {(r["result"]["rule"], r["result"]["seed"]): [decode_array(h) for h in r["result"]["hidden"]] for r in records}
-    rules = list(config.rules)
-    for layer in (0, 1):
-        mat = m[f"matrix/layers.{layer}/linear_cka"]
-        assert np.array(mat).shape == (3, 3)
-        assert mat[0][0] == pytest.approx(linear_cka(acts[("backprop", 0)][layer], acts[("backprop", 1)][layer]))
-        cross = np.mean([linear_cka(acts[(rules[0], s)][layer], acts[(rules[2], s)][layer]) for s in (0, 1)])
-        assert mat[0][2] == pytest.approx(cross)
-    assert m["similarity/within_minus_cross"] == pytest.approx(np.mean(m["similarity/within_minus_cross_per_seed"]))
-    # the claim's direction on a tiny run: rules differ more than seeds of one rule do
-    assert m["similarity/within_minus_cross"] > 0
-    assert analysis.verdict.n == 2
-    assert all(m[f"accuracy/{r}"] > 0.5 for r in rules)
-    figs = STUDY.plots(config, records, analysis, tmp_path)
-    assert {f.path for f in figs} == {"similarity_heatmaps.png", "accuracy_and_gap.png"}
-    assert all((tmp_path / f.path).stat().st_size > 10_000 for f in figs)
+    res = {(r["result"]["arm"], r["result"]["seed"], r["result"]["order"]): r["result"] for r in records}
 
+    def acts(key, layer):
+        snap = res[key]["matched"] or res[key]["final"]
+        return decode_array(snap["hidden"][layer])
 
-def _fake_records(config, make_acts):
-    recs = []
+    logs = []
     for s in range(config.seeds):
-        for r in config.rules:
-            hidden = [encode_array(a) for a in make_acts(r, s)]
-            recs.append(
-                {
-                    "key": f"{r}/seed{s}",
-                    "params": {"rule": r, "seed": s},
-                    "result": {"rule": r, "seed": s, "dataset": "digits", "sizes": [8, 6, 10], "test_accuracy": 0.9,
-                               "train_seconds": 0.1, "hidden": hidden},
-                }
-            )
-    return recs
+        per = []
+        for i, r1 in enumerate(config.rules):
+            for r2 in config.rules[i + 1:]:
+                for layer in (0, 1):
+                    d = lambda a, b: 1 - linear_cka(acts(a, layer), acts(b, layer))  # noqa: E731
+                    within = (d((r1, s, "a"), (r1, s, "b")) + d((r2, s, "a"), (r2, s, "b"))) / 2
+                    per.append(np.log(d((r1, s, "a"), (r2, s, "a")) / within))
+        logs.append(np.mean(per))
+    assert m["similarity/cross_within_ratio"] == pytest.approx(float(np.exp(np.mean(logs))))
+    assert analysis.verdict.n == config.seeds and analysis.verdict.threshold == 2.0
+    assert [c.name for c in analysis.controls] == [c.name for c in STUDY.claim.controls]
+    assert analysis.contrast and "replicates" in analysis.contrast
+    figs = STUDY.plots(config, records, analysis, tmp_path)
+    assert {f.path for f in figs} == {"ratio_per_pair.png", "accuracy.png", "similarity_heatmaps.png"}
 
 
-def test_analysis_decides_both_ways_on_constructed_records():
-    config = Config(rules=("backprop", "feedback_alignment"), seeds=4, hidden_sizes=(6,), probe_size=60,
-                    measures=("linear_cka", "rsa"))
-    probe = np.random.default_rng(0).normal(size=(60, 6))
-    rule_maps = {r: np.random.default_rng(i + 1).normal(size=(6, 6)) for i, r in enumerate(config.rules)}
+def test_backprop_under_other_names_does_not_hold(tmp_path, monkeypatch):
+    """Every 'rule' is backprop with its own data order: no rule effect, so never 'holds'."""
 
-    def per_rule(r, s):  # every seed of a rule lands on the same representation; rules differ
-        noise = np.random.default_rng(100 + s).normal(size=(60, 6)) * 0.05
-        return [np.tanh(probe @ rule_maps[r]) ** 2 + noise]
+    def renamed(offset):
+        def train(model, data, *, seed, hp=None, on_step=None):
+            return backprop.train(model, data, seed=seed + offset, hp=hp, on_step=on_step)
 
-    holds = STUDY.analyze(config, _fake_records(config, per_rule))
-    assert holds.verdict.verdict == Verdict.HOLDS
-    assert holds.verdict.ci_low > 0
+        return SimpleNamespace(Hyperparams=backprop.Hyperparams, train=train, predict=backprop.predict,
+                               hidden=backprop.hidden)
 
-    def shared(r, s):  # all units identical: no gap at all
-        return [np.tanh(probe @ rule_maps["backprop"])]
+    monkeypatch.setitem(RULES, "feedback_alignment", renamed(101))
+    monkeypatch.setitem(RULES, "evolution_strategies", renamed(202))
+    config = STUDY.resolve_config("quick", {**TINY, "seeds": 3, "rules": ("backprop", "feedback_alignment",
+                                                                          "evolution_strategies")})
+    _, records = _run(config, tmp_path)
+    analysis = STUDY.analyze(config, records)
+    assert analysis.verdict.verdict is not Verdict.HOLDS
+    assert analysis.verdict.contrast_verdict is not Verdict.HOLDS
+    assert analysis.verdict.estimate < 2.0
 
-    same = STUDY.analyze(config, _fake_records(config, shared))
-    assert same.metrics["similarity/within_minus_cross"] == pytest.approx(0.0, abs=1e-9)
-    assert same.verdict.verdict == Verdict.DOES_NOT_HOLD
+
+# --------------------------------------------------------------------------- decision rule
+
+
+def test_simulated_records_have_the_shape_of_real_ones(tiny_run):
+    config, _, records = tiny_run
+    sim = STUDY.simulate(config, 2.0, np.random.default_rng(0))
+    assert [r["key"] for r in sim] == [r["key"] for r in records]
+    real, fake = records[1]["result"], sim[1]["result"]
+    assert set(fake) == set(real)
+    assert [decode_array(h).shape for h in fake["final"]["hidden"]] == [decode_array(h).shape for h in real["final"]["hidden"]]
+
+
+def test_no_rule_effect_never_holds_and_a_large_one_does():
+    config = STUDY.resolve_config("quick", STUDY.calibration.overrides)
+    for i in range(20):
+        none = STUDY.analyze(config, STUDY.simulate(config, 1.0, np.random.default_rng(i))).verdict
+        assert none.verdict is not Verdict.HOLDS
+    big = STUDY.analyze(config, STUDY.simulate(config, 10.0, np.random.default_rng(0)))
+    assert big.verdict.verdict is Verdict.HOLDS and big.verdict.ci_low > 2.0
+    assert all(c.status == "pass" for c in big.controls)
+
+
+def test_controls_can_fail():
+    config = STUDY.resolve_config("quick", STUDY.calibration.overrides)
+    records = STUDY.simulate(config, 10.0, np.random.default_rng(0))
+    by_key = {r["key"]: r for r in records}
+    # negative: the 'twin' is really another rule -> it shows the effect it must not
+    for s in range(config.seeds):
+        by_key[f"backprop-twin/seed{s}"]["result"] = {**by_key[f"forward_forward/seed{s}/a"]["result"],
+                                                      "arm": "backprop-twin", "order": "c"}
+    out = STUDY.analyze(config, records)
+    assert out.controls[0].status == "fail" and out.verdict.verdict is Verdict.INCONCLUSIVE
+    assert "backprop twin" in out.verdict.reason
+    # positive: when a rule's two data orders share nothing, nothing can look radically different
+    records = STUDY.simulate(config, 10.0, np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    for r in records:
+        if r["params"]["order"] == "b":
+            for snap in ("final", "matched"):
+                r["result"][snap]["hidden"] = [encode_array(rng.normal(size=decode_array(h).shape))
+                                               for h in r["result"][snap]["hidden"]]
+    out = STUDY.analyze(config, records)
+    assert out.controls[1].status == "fail" and out.verdict.verdict is Verdict.INCONCLUSIVE
 
 
 def test_encode_decode_round_trip():
@@ -122,17 +185,124 @@ def test_encode_decode_round_trip():
     np.testing.assert_array_equal(decode_array(encode_array(a)), a)
 
 
+# --------------------------------------------------------------------------- data
+
+
+def write_idx(path: Path, arr: np.ndarray) -> None:
+    """An IDX file (LeCun's format) of uint8 ``arr``, gzip when the name ends in .gz."""
+    raw = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+
+
+def make_idx_folder(folder: Path, n_train=300, n_test=120, *, labels_short_by=0, gz=True) -> Path:
+    """Tiny learnable 28x28 data: class c lights a 5x5 block at a class-specific place."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def images(n):
+        y = np.arange(n) % 10
+        x = rng.integers(0, 60, size=(n, 28, 28))
+        for i, c in enumerate(y):
+            r, k = 3 + 5 * (c // 5), 2 + 5 * (c % 5)
+            x[i, r:r + 5, k:k + 5] = 250
+        return x, y
+
+    sfx = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        x, y = images(n)
+        write_idx(folder / f"{split}-images-idx3-ubyte{sfx}", x)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{sfx}", y[: n - labels_short_by] if split == "train" else y)
+    return folder
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_folder_loads_with_the_label_slot(tmp_path, gz):
+    folder = make_idx_folder(tmp_path / "idx", gz=gz)
+    config = STUDY.resolve_config("paper", {"data": str(folder)})
+    data = lr._load_data(config)
+    assert data.name == "idx" and data.x_train.shape == (300, 784) and data.x_test.shape == (120, 784)
+    assert data.n_classes == 10 and np.all(data.x_train[:, :10] == lr.LABEL_SLOT_VALUE)
+    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+
+
+def test_auto_uses_fashion_mnist_when_installed_else_digits_with_a_hint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lr, "FASHION_MNIST_DIR", make_idx_folder(tmp_path / "fashion"))
+    assert lr.resolve_data("auto") == ("fashion-mnist", tmp_path / "fashion")
+    config = STUDY.resolve_config("paper", {"seeds": 2, "hidden_sizes": (8, 4), "probe_size": 40})
+    assert config.data == "auto" and lr._load_data(config).name == "fashion-mnist"
+    monkeypatch.setattr(lr, "FASHION_MNIST_DIR", tmp_path / "missing")
+    assert lr.resolve_data("auto") == ("digits", None)
+    STUDY.prepare(config, Context(run_dir=tmp_path / "run", seed=0, cache_dir=tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "apt-get install dataset-fashion-mnist" in err[0] and "data=PATH" in err[0]
+    with pytest.raises(lr.UserError, match="apt-get install dataset-fashion-mnist"):
+        lr.resolve_data("fashion-mnist")
+
+
+# --------------------------------------------------------------------------- CLI: bad input and a tiny run
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "safetylab.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def _one_line_exit_2(out, *needles):
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    short = make_idx_folder(tmp_path / "short", labels_short_by=7)
+    out = tmp_path / "runs"
+    cases = [
+        (["--set", f"data={empty}"], ["no MNIST found", "IDX"]),
+        (["--set", f"data={short}"], ["image and label counts differ"]),
+        (["--set", f"data={tmp_path / 'nowhere'}"], ["does not exist"]),
+        (["--set", "rules=[backprop, sgd]"], ["unknown rule", "sgd"]),
+        (["--set", "seeds=1"], ["seeds"]),
+        (["--set", "extensions=[backprop]"], ["extensions"]),
+    ]
+    for args, needles in cases:
+        _one_line_exit_2(_cli("run", "learning-rules", *args, "--out", str(out), "--quiet", cwd=tmp_path), *needles)
+    assert not out.exists()
+
+
+def test_tiny_end_to_end_run_on_idx_files(tmp_path):
+    folder = make_idx_folder(tmp_path / "idx")
+    out = tmp_path / "runs"
+    res = _cli("run", "learning-rules", "--scale", "quick", "--set", f"data={folder}", "--set", "seeds=2",
+               "--set", "hidden_sizes=[16, 8]", "--set", "probe_size=40", "--set", "budget=0.3",
+               "--set", "match_accuracy=0.5", "--set", "measures=[linear_cka, rsa]", "--out", str(out), "--quiet",
+               "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["study"] == "learning-rules"
+    run_dir = next((out / "learning-rules").iterdir())
+    assert (run_dir / "report.html").exists() and (run_dir / "ratio_per_pair.png").exists()
+    first = json.loads((run_dir / "results.jsonl").read_text().splitlines()[0])
+    assert first["result"]["dataset"] == "idx" and first["result"]["sizes"] == [784, 16, 8, 10]
+
+
+# --------------------------------------------------------------------------- config
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
         ({"rules": ("backprop", "sgd")}, "rules: unknown rule"),
         ({"rules": ("backprop",)}, "at least two distinct rules"),
+        ({"extensions": ("backprop",)}, "repeat"),
         ({"verdict_measure": "cca"}, "verdict_measure='cca' must be one of measures"),
         ({"measures": ("linear_cka", "cka2")}, "measures: unknown"),
-        ({"dataset": "mnist"}, "dataset='mnist' needs mnist_path"),
-        ({"dataset": "digits", "mnist_path": "/data/mnist"}, "mnist_path is set but dataset='digits'"),
         ({"measures": ("linear_cka", "cca"), "probe_size": 100}, "probe_size=100 must exceed the widest hidden layer"),
         ({"seeds": 1}, "seeds"),
+        ({"match_accuracy": 1.5}, "match_accuracy"),
+        ({"data": " "}, "data: empty"),
     ],
 )
 def test_bad_config_is_rejected_with_a_clear_message(override, message):
@@ -141,33 +311,7 @@ def test_bad_config_is_rejected_with_a_clear_message(override, message):
 
 
 def test_scales_resolve():
-    paper = STUDY.resolve_config("paper")
-    assert paper.hidden_sizes == (256, 128) and paper.seeds >= 5 and paper.resolved_dataset == "digits"
-    assert STUDY.resolve_config("paper", {"mnist_path": "/x"}).resolved_dataset == "mnist"
-    assert STUDY.resolve_config("quick").seeds == 3
-
-
-def test_runs_on_local_mnist_file_with_the_essay_input_width(tmp_path):
-    rng = np.random.default_rng(0)
-    np.savez(
-        tmp_path / "mnist.npz",
-        x_train=rng.integers(0, 256, size=(150, 28, 28)).astype(np.uint8),
-        y_train=np.arange(150) % 10,
-        x_test=rng.integers(0, 256, size=(60, 28, 28)).astype(np.uint8),
-        y_test=np.arange(60) % 10,
-    )
-    config = STUDY.resolve_config(
-        "paper",
-        {"mnist_path": str(tmp_path / "mnist.npz"), "rules": ("backprop", "forward_forward"), "seeds": 2,
-         "hidden_sizes": (16, 8), "probe_size": 40, "budget": 0.1},
-    )
-    ctx = Context(run_dir=tmp_path / "run", seed=0, cache_dir=tmp_path)
-    with torch_threads(1):
-        result = STUDY.run_unit(config, STUDY.units(config)[1], ctx)
-    assert result["dataset"] == "mnist" and result["sizes"] == [784, 16, 8, 10]
-    assert result["probe_n"] == 40 and decode_array(result["hidden"][0]).shape == (40, 16)
-    from safetylab.errors import UserError
-
-    missing = STUDY.resolve_config("paper", {"mnist_path": str(tmp_path / "nope.npz")})
-    with pytest.raises(UserError, match="does not exist"):
-        STUDY.run_unit(missing, STUDY.units(missing)[0], ctx)
+    paper, quick = STUDY.resolve_config("paper"), STUDY.resolve_config("quick")
+    assert paper.hidden_sizes == (256, 128) and paper.seeds >= 10 and paper.data == "auto"
+    assert paper.rules == lr.ESSAY_RULES and paper.extensions == lr.EXTENSION_RULES
+    assert quick.seeds >= 5 and quick.data == "digits" and quick.extensions == ()
