@@ -233,8 +233,12 @@ class VerdictRecord(BaseModel):
         interval_method: str,
         confidence: float = 0.95,
         controls: Sequence[ControlResult] = (),
+        reasons: Sequence[str] = (),
     ) -> "VerdictRecord":
-        """The verdict: the primary contrast's, made inconclusive by any failed or missing control."""
+        """The verdict: the primary contrast's, made inconclusive by any failed or missing control.
+
+        ``reasons``: further reasons the verdict cannot be read (e.g. 'primary contrast not
+        run: ...'); each makes it inconclusive and is stated first."""
 
         def clean(v: float | None) -> float | None:
             return None if v is None or not math.isfinite(v) else float(v)
@@ -243,7 +247,7 @@ class VerdictRecord(BaseModel):
         raw = claim.decide(lo, hi)
         failed = [c.name for c in controls if c.status == "fail"]
         missing = [c.name for c in controls if c.status == "not run"]
-        reasons = []
+        reasons = [r for r in reasons if r]
         if failed:
             reasons.append(f"control failed: {'; '.join(failed)}")
         if missing:

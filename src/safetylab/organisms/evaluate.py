@@ -58,8 +58,7 @@ def _rate(values: list[bool] | list[float]) -> dict[str, Any]:
     if n and all(isinstance(v, bool) for v in values):
         lo, hi = wilson_interval(int(sum(values)), n)
     elif n > 1:
-        _, lo, hi = mean_t_interval([float(v) for v in values])
-        lo, hi = max(0.0, float(lo)), min(1.0, float(hi))
+        _, lo, hi = mean_t_interval([float(v) for v in values], bounds=(0.0, 1.0))
     else:
         lo, hi = float("nan"), float("nan")
     return {"rate": est, "lo": lo, "hi": hi, "n": n}

@@ -653,10 +653,10 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
         )
     else:
         missing = [a for a in (TREATMENT, CONTROL_ARM) if a not in by_arm]
-        verdict = VerdictRecord.from_interval(CLAIM, None, None, None, n=0, interval_method="", controls=controls)
         why = (f"primary contrast not run: the config has no {', '.join(missing)}" if missing else
                "primary contrast not run: the two arms share no finished seed")
-        verdict = verdict.model_copy(update={"reason": "; ".join(r for r in (why, verdict.reason) if r)})
+        verdict = VerdictRecord.from_interval(CLAIM, None, None, None, n=0, interval_method="", controls=controls,
+                                              reasons=[why])
         headline = (f"No verdict: the primary contrast needs arms '{TREATMENT}' and '{CONTROL_ARM}' on the same "
                     f"seeds, and {why.removeprefix('primary contrast not run: ')}.")
         contrast_text = f"Not run: {why.removeprefix('primary contrast not run: ')}."
