@@ -5,7 +5,8 @@ import json
 import pytest
 
 from safetylab.errors import UserError
-from safetylab.runs import RESULTS_VERSION, ResultsLog, dumps_line, finished_records, parse_set_options
+from safetylab.results import RESULTS_VERSION, ResultsLog, dumps_line, finished_records
+from safetylab.runs import parse_set_options
 from safetylab.study import Context, Unit
 
 

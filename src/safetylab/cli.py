@@ -147,7 +147,7 @@ def run_cmd(
     if resume is not None:
         if config is not None or set_ or seed is not None or ctx.args:
             raise UserError("--resume reuses the run's own config; drop --config/--set/--seed or start a new run")
-        from safetylab.runs import load_run
+        from safetylab.results import load_run
 
         existing, _, _ = load_run(resume)
         if study is not None and study != existing.name:
@@ -245,7 +245,7 @@ def report_cmd(
 ) -> None:
     """Re-render summary.json, report.md and report.html from the raw results alone."""
     from safetylab.report import render_run
-    from safetylab.runs import load_run
+    from safetylab.results import load_run
 
     load_run(run_dir)  # validates the folder before anything is rewritten
     summary = render_run(run_dir)

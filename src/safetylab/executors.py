@@ -3,7 +3,8 @@
 Every executor yields ``(index, record)`` pairs as units finish; the runner writes
 them to ``results.jsonl`` in unit order. Units are deterministic given their key,
 so all executors give the same records (timing aside) for the same ``--workers``
-(torch's CPU kernels may round differently with a different thread count).
+(torch's CPU kernels may round differently with a different thread count). Each
+unit becomes a record through :func:`safetylab.results.execute_unit`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Iterator
 
 from safetylab.errors import UserError
-from safetylab.study import Context, Study, StudyConfig, Unit
+from safetylab.progress import bar
+from safetylab.results import execute_unit
+from safetylab.study import Context, Study, StudyConfig, Unit, torch_threads
 
 Record = dict[str, Any]
 
@@ -28,7 +31,6 @@ def _run_in_worker(study_name: str, config_json: str, unit: Unit, ctx: Context, 
     not closures, cross process boundaries) and run one unit."""
     import torch
 
-    from safetylab.runs import execute_unit
     from safetylab.studies import get_study
 
     study = get_study(study_name)
@@ -39,14 +41,12 @@ def _run_in_worker(study_name: str, config_json: str, unit: Unit, ctx: Context, 
 
 class SerialExecutor:
     """Units one after another in this process (``--workers 1``): progress bars inside
-    units are shown, and nothing is pickled."""
+    units are shown, each unit is a stage of its own (a line in the display, or its start
+    and end in a log), and nothing is pickled."""
 
     def map_units(self, study: Study, config: StudyConfig, todo: list[tuple[int, Unit]], ctx: Context) -> Iterator[tuple[int, Record]]:
-        from safetylab.runs import execute_unit
-        from safetylab.study import torch_threads
-
         for index, unit in todo:
-            with torch_threads(study.unit_threads):
+            with torch_threads(study.unit_threads), bar(f"unit {unit.key}", None, quiet=ctx.quiet):
                 record = execute_unit(study, config, unit, ctx, index)
             yield index, record
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from safetylab.claims import Verdict
 from safetylab.metrics.stats import format_interval
-from safetylab.runs import RESULTS_FILE, ResultsLog, _json_safe, finished_records, load_run, write_atomic
+from safetylab.results import RESULTS_FILE, ResultsLog, finished_records, json_safe, load_run, write_atomic
 from safetylab.study import Analysis, Figure, Study, StudyConfig
 
 SUMMARY_VERSION = 2
@@ -69,7 +69,7 @@ def render_run(
         "figures": [f.model_dump(mode="json") for f in figures],
         "units": {"total": len(units), "finished": len(records), "failed": failed, "missing": missing},
     }
-    summary = _json_safe(summary)
+    summary = json_safe(summary)
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
     write_atomic(run_dir / "report.md", markdown_report(summary, env, run_dir))
     write_atomic(run_dir / "report.html", html_page(f"safetylab: {study.name}", html_section(summary, env, run_dir)))
