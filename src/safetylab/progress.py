@@ -1,14 +1,29 @@
-"""Rich progress bars, one style for the whole package, one display at a time.
+"""Progress for the whole package: rich bars on a terminal, plain lines in a log.
 
-:func:`bar` is the one entry point. A bar opened while another is on screen becomes one
-more line of that display (a unit's inner progress under the run's units bar) and is
-removed when it ends. Transient bars are not drawn when stderr is not a terminal, so
-logs get the run's summary lines, not blank lines where bars were.
+:func:`bar` is the one entry point; every stage that takes a while (training an organism,
+a run's units, one unit) opens one.
+
+On a terminal (stderr is a TTY) there is one display at a time: a bar opened while another
+is on screen becomes one more line of that display (a unit's inner progress under the
+run's units bar) and is removed when it ends.
+
+In a log (stderr redirected to a file or a pipe) nothing is drawn; instead each stage
+writes one plain line when it starts and one when it ends, and while any stage is open
+one line about every :data:`LOG_INTERVAL_S` seconds gives every open stage's count,
+elapsed time and an estimate of what is left::
+
+    [12:00:03] training base: started (3000 steps)
+    [12:01:03] training base: 1210/3000 (40%), 1m00s elapsed, ~1m29s left
+    [12:02:32] training base: done 3000/3000 in 2m29s
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import threading
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from rich.console import Console
@@ -20,6 +35,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+LOG_INTERVAL_S = 60.0
+"""Seconds between status lines in a log (the first comes one interval after a stage starts)."""
 
 _console = Console(stderr=True)
 _on_screen: list[Progress] = []  # the display bars are added to, when one is live
@@ -43,13 +61,18 @@ def bar(description: str, total: float | None, *, transient: bool = True,
     """A progress bar; yields ``advance(n=1)``.
 
     Args:
-        description: the bar's label.
+        description: the bar's label (and the stage's name in a log).
         total: steps to completion (``None``: unknown, an indeterminate bar).
-        transient: remove the bar when done (else it stays, showing its final state).
-        quiet: draw nothing (``advance`` does nothing).
+        transient: on a terminal, remove the bar when done (else it stays, showing its
+            final state). In a log every stage writes its start and end lines.
+        quiet: draw and write nothing (``advance`` does nothing).
     """
-    if quiet or (transient and not _on_screen and not _console.is_terminal):
+    if quiet:
         yield lambda n=1: None
+        return
+    if not _on_screen and not _console.is_terminal:
+        with _log.stage(description, total) as advance:
+            yield advance
         return
     if _on_screen:
         display = _on_screen[-1]
@@ -68,3 +91,93 @@ def bar(description: str, total: float | None, *, transient: bool = True,
     finally:
         _on_screen.pop()
         display.stop()
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m07s``, ``1h05m``."""
+    s = int(round(max(seconds, 0.0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+@dataclass
+class _Stage:
+    description: str
+    total: float | None
+    started: float = field(default_factory=time.monotonic)
+    completed: float = 0.0
+
+    def status(self, now: float) -> str:
+        """``units 3/8 (38%), 2m10s elapsed, ~3m37s left``; the estimate assumes the
+        remaining steps take as long as the finished ones did on average."""
+        elapsed = now - self.started
+        parts = [self.description]
+        if self.total:
+            parts[0] += f" {self.completed:g}/{self.total:g} ({self.completed / self.total:.0%})"
+        text = f"{parts[0]}, {format_duration(elapsed)} elapsed"
+        if self.total and 0 < self.completed < self.total:
+            text += f", ~{format_duration(elapsed * (self.total - self.completed) / self.completed)} left"
+        return text
+
+
+class _LogLines:
+    """Open stages as a stack; a daemon thread writes the status line while any is open."""
+
+    def __init__(self) -> None:
+        self._stages: list[_Stage] = []
+        self._lock = threading.Lock()
+        self._last_line = 0.0
+        self._ticker: threading.Thread | None = None  # alive while a stage is open, and briefly after
+
+    def _write(self, text: str) -> None:
+        # Called with the lock held. Plain text, no wrapping: a log line stays one line.
+        stamp = _dt.datetime.now().strftime("%H:%M:%S")
+        _console.file.write(f"[{stamp}] {text}\n")
+        _console.file.flush()
+        self._last_line = time.monotonic()
+
+    @contextmanager
+    def stage(self, description: str, total: float | None) -> Iterator[Callable[..., None]]:
+        stage = _Stage(description, total)
+        with self._lock:
+            self._stages.append(stage)
+            self._write(f"{description}: started" + (f" ({total:g} steps)" if total else ""))
+            if self._ticker is None:
+                self._ticker = threading.Thread(target=self._tick, name="safetylab-progress", daemon=True)
+                self._ticker.start()
+
+        def advance(n: float = 1) -> None:
+            stage.completed += n
+
+        ok = False
+        try:
+            yield advance
+            ok = True
+        finally:
+            with self._lock:
+                self._stages.remove(stage)
+                took = format_duration(time.monotonic() - stage.started)
+                count = f" {stage.completed:g}/{stage.total:g}" if stage.total else ""
+                self._write(f"{description}: done{count} in {took}" if ok else
+                            f"{description}: stopped{' at' + count if count else ''} after {took}")
+
+    def _tick(self) -> None:
+        while True:
+            # Wake often enough to keep to the interval, rarely enough to cost nothing.
+            time.sleep(min(5.0, LOG_INTERVAL_S / 4))
+            with self._lock:
+                if not self._stages:
+                    self._ticker = None  # under the lock: the next stage starts a new one
+                    return
+                now = time.monotonic()
+                if now - self._last_line >= LOG_INTERVAL_S:
+                    self._write(" › ".join(s.status(now) for s in self._stages))
+
+
+_log = _LogLines()
