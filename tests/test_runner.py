@@ -140,8 +140,9 @@ def test_report_rerenders_from_raw_results_alone(reference_run, tmp_path):
     html = (run_dir / "report.html").read_text()
     # Opens offline: plots embedded, nothing fetched.
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
-    # The verdict comes first, then the threat model.
-    assert html.index("class='verdict'") < html.index("class='threat'") < html.index("Results")
+    # The verdict comes first, then controls, the primary contrast, the threat model, the results.
+    heads = [html.index(f"id='shield-{k}'") for k in ("controls", "contrast", "threat", "results")]
+    assert html.index("class='verdict'") < heads[0] and heads == sorted(heads)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["verdict"]["verdict"] in {"holds", "does not hold", "inconclusive"}
     assert summary["units"] == {"total": 4, "finished": 4, "failed": [], "missing": []}

@@ -2,8 +2,15 @@
 
 ``render_run(run_dir)`` needs nothing but the run folder: it re-reads the config,
 the environment and the raw results, asks the study to analyse and plot them, and
-writes the verdict first, then the threat model, then tables, findings, setup notes,
-figures and provenance. The HTML embeds its plots, so it opens offline.
+writes the verdict first, then controls, the primary contrast and the threat model,
+then tables, findings, figures, setup notes and provenance.
+
+The HTML is one self-contained file (plots embedded, no scripts, nothing fetched) that
+reads well in a browser at any width: wide tables scroll inside their own box, matrices
+are drawn as annotated heatmaps (:mod:`safetylab.heatmap`; the numbers stay in report.md
+and summary.json), tables longer than :data:`LONG_TABLE_ROWS` rows are folded under the
+figures, every image has alt text, and the combined report opens with a table of contents
+that carries each study's verdict.
 """
 
 from __future__ import annotations
@@ -13,16 +20,21 @@ import datetime as _dt
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from safetylab.claims import Verdict
 from safetylab.metrics.stats import format_interval
-from safetylab.results import RESULTS_FILE, ResultsLog, finished_records, json_safe, load_run, write_atomic
+from safetylab.heatmap import Matrix, heatmap_svg, matrix_of
+from safetylab.results import (
+    ENV_FILE, RESULTS_FILE, SUMMARY_FILE, ResultsLog, finished_records, json_safe, load_run, write_atomic,
+)
 from safetylab.study import Analysis, Figure, Study, StudyConfig
 
 SUMMARY_VERSION = 2
-"""2: verdicts carry contrast_verdict, reason and unit; summaries carry controls and contrast."""
+"""2: verdicts carry contrast_verdict, reason and unit; summaries carry controls and contrast.
+Tables carry ``kind`` ("table" or "matrix"), an addition readers ``.get`` (absent: "table")."""
 
 _VERDICT_COLOURS = {
     Verdict.HOLDS.value: "#1b7f3b",
@@ -70,7 +82,7 @@ def render_run(
         "units": {"total": len(units), "finished": len(records), "failed": failed, "missing": missing},
     }
     summary = json_safe(summary)
-    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=False) + "\n")
     write_atomic(run_dir / "report.md", markdown_report(summary, env, run_dir))
     write_atomic(run_dir / "report.html", html_page(f"safetylab: {study.name}", html_section(summary, env, run_dir)))
     return summary
@@ -206,6 +218,9 @@ def _provenance_md(env: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- html
 
+LONG_TABLE_ROWS = 12
+"""Tables with more rows than this (per setting, per seed) are folded under the figures."""
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#1d1d1f;line-height:1.45}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
@@ -213,19 +228,27 @@ h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margi
 .verdict{color:#fff;padding:.7em 1em;border-radius:6px;margin:1em 0;font-size:1.05em}
 .verdict b{font-size:1.2em;letter-spacing:.03em}
 .threat{border:2px solid #444;border-radius:6px;padding:.6em 1em;background:#fcfcfc}
-.threat dt{font-weight:600;float:left;width:9em;clear:left} .threat dd{margin-left:9.5em;margin-bottom:.25em}
-table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.92em} th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+dl.threat-list,dl.contrast{display:grid;grid-template-columns:minmax(8em,max-content) minmax(0,1fr);gap:.25em 1em}
+dl.threat-list dt,dl.contrast dt{font-weight:600} dl.threat-list dd,dl.contrast dd{margin:0}
+.scroll{overflow-x:auto;max-width:100%;margin:.6em 0 1.2em}
+table{border-collapse:collapse;font-size:.92em} th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#f0f0f0} caption{caption-side:bottom;font-style:italic;color:#555;text-align:left;padding-top:.3em}
-figure{margin:1em 0} figure img{max-width:100%} figcaption{color:#444;font-style:italic}
+figure{margin:1em 0} figure img{max-width:100%;height:auto} figcaption{color:#444;font-style:italic}
+figure.matrix{display:inline-block;vertical-align:top;margin:.5em 2em 1em 0;max-width:100%}
+details{margin:.4em 0 1em} summary{cursor:pointer}
+code,dd,.claim,.verdict,.prov,li{overflow-wrap:anywhere}
 .prov{font-size:.8em;color:#555} .warn{background:#fff3cd;padding:.5em 1em;border-radius:4px}
-nav a{margin-right:1em}
-.contrast dt{font-weight:600;float:left;width:13em;clear:left} .contrast dd{margin-left:13.5em;margin-bottom:.25em}
+.badge{display:inline-block;color:#fff;border-radius:1em;padding:0 .6em;font-size:.85em;font-weight:600;white-space:nowrap}
+nav.sections a{margin-right:1em;white-space:nowrap}
+nav.toc ol{padding-left:1.4em} nav.toc li{margin:.35em 0} nav.toc .sub{font-size:.85em}
+nav.toc .sub a{margin-right:.8em;white-space:nowrap} .toplink{font-size:.85em}
 """
 
 
 def html_page(title: str, body: str) -> str:
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>{body}"
         f"<p class='prov'>Written by safetylab on {_dt.date.today().isoformat()}.</p></body></html>\n"
     )
@@ -237,65 +260,155 @@ def _cell_html(x: Any) -> str:
     return "–" if x is None else html.escape(str(x))
 
 
-def html_section(summary: dict[str, Any], env: dict[str, Any], run_dir: Path, level: int = 1, anchor: str = "") -> str:
-    v = summary["verdict"]
+def _anchor(name: str) -> str:
+    """An HTML id from a study name: letters, digits, '-' and '_' only."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "section"
+
+
+def verdict_badge(verdict: str) -> str:
+    colour = _VERDICT_COLOURS.get(verdict, "#555")
+    return f"<span class='badge' style='background:{colour}'>{html.escape(verdict)}</span>"
+
+
+def _table_html(t: dict[str, Any]) -> str:
+    """A table in its own horizontally scrolling box, so a wide one never widens the page."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in t["columns"])
+    rows = "".join("<tr>" + "".join(f"<td>{_cell_html(c)}</td>" for c in r) + "</tr>" for r in t["rows"])
+    cap = f"<caption>{html.escape(t['caption'])}</caption>" if t.get("caption") else ""
+    return f"<div class='scroll'><table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
+
+
+def _matrix_html(t: dict[str, Any], m: Matrix) -> str:
+    """An annotated heatmap, its caption, and the numbers as a table folded beneath."""
+    cap = f" {html.escape(t['caption'])}" if t.get("caption") else ""
+    svg, width = heatmap_svg(m)
+    # As wide as the heatmap (its caption wraps to it), so small matrices sit side by side.
+    return (
+        f"<figure class='matrix' style='width:{max(width, 320)}px'>"
+        f"<figcaption><b>{html.escape(t['title'])}</b>{cap}</figcaption><div class='scroll'>{svg}</div>"
+        f"<details><summary>the numbers as a table</summary>{_table_html({**t, 'caption': ''})}</details></figure>"
+    )
+
+
+def _sections(summary: dict[str, Any], env: dict[str, Any], run_dir: Path, h2: str,
+              anchor: str) -> list[tuple[str, str, str]]:
+    """The report's sections after the verdict, in order, as ``(id, label, html)``."""
+    out: list[tuple[str, str, str]] = []
+
+    def add(key: str, label: str, body: str) -> None:
+        if body:
+            sid = f"{anchor}-{key}"
+            out.append((sid, label, f"<{h2} id='{sid}'>{html.escape(label)}</{h2}>{body}"))
+
+    add("controls", "Controls", _controls_html(summary))
+    add("contrast", "Primary contrast", _contrast_html(summary))
     tm = summary["threat_model"]
-    h, h2 = f"h{level}", f"h{level + 1}"
-    colour = _VERDICT_COLOURS.get(v["verdict"], "#555")
-    ci = format_interval(v["estimate"], v["ci_low"], v["ci_high"], digits=3)
-    cmp = "&gt;" if v["direction"] == "greater" else "&lt;"
-    pct = int(round(100 * v["confidence"]))
-    parts = [
-        f"<{h} id='{html.escape(anchor or summary['study'])}'>{html.escape(summary['study'])}</{h}>",
-        f"<p class='claim'><b>Claim.</b> {html.escape(summary['claim']['statement'])}</p>",
-        f"<div class='verdict' style='background:{colour}'><b>{html.escape(v['verdict'].upper())}</b>"
-        + (f" ({html.escape(v['reason'])})" if v.get("reason") else "") + " — "
-        f"<code>{html.escape(v['metric'])}</code> = {ci} ({pct}% interval, {html.escape(v['interval_method'])}, "
-        f"n = {v['n']}); the claim needs {cmp} {v['threshold']:g}</div>",
-        f"<p>{html.escape(summary['headline'])}</p>",
-        _controls_html(summary, h2),
-        _contrast_html(summary, h2),
-        f"<div class='threat'><{h2} style='margin-top:.2em;border:none'>Threat model</{h2}><dl>"
+    threat = (
+        f"<div class='threat'><dl class='threat-list'>"
         f"<dt>Deployer</dt><dd>{html.escape(tm['deployer'])}</dd>"
         f"<dt>Adversary</dt><dd>{html.escape(tm['adversary'])}</dd>"
         f"<dt>Access</dt><dd>{html.escape(tm['access'])}</dd>"
         f"<dt>Budget</dt><dd>{html.escape(tm['budget'])}</dd>"
         f"<dt>Protected</dt><dd>{html.escape(tm['protected'])}</dd>"
         + (f"<dt>Says nothing about</dt><dd>{html.escape('; '.join(tm['out_of_scope']))}</dd>" if tm.get("out_of_scope") else "")
-        + "</dl></div>",
-    ]
+        + "</dl></div>"
+    )
     units = summary["units"]
     if units["failed"] or units["missing"]:
-        parts.append(
+        threat += (
             f"<p class='warn'>Incomplete run: {len(units['failed'])} failed and {len(units['missing'])} unfinished of "
             f"{units['total']} units; resume with <code>safetylab run --resume {html.escape(str(run_dir))}</code>.</p>"
         )
-    parts.append(f"<{h2}>Results</{h2}>")
+    add("threat", "Threat model", threat)
+
+    results, folded = [], []
     for t in summary["tables"]:
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in t["columns"])
-        rows = "".join("<tr>" + "".join(f"<td>{_cell_html(c)}</td>" for c in r) + "</tr>" for r in t["rows"])
-        cap = f"<caption>{html.escape(t['caption'])}</caption>" if t.get("caption") else ""
-        parts.append(f"<p><b>{html.escape(t['title'])}</b></p><table>{cap}<tr>{head}</tr>{rows}</table>")
+        m = matrix_of(t)
+        if m is not None:
+            results.append(_matrix_html(t, m))
+        elif len(t["rows"]) > LONG_TABLE_ROWS:
+            folded.append(
+                f"<details><summary><b>{html.escape(t['title'])}</b> ({len(t['rows'])} rows)</summary>"
+                f"{_table_html(t)}</details>"
+            )
+        else:
+            results.append(f"<p><b>{html.escape(t['title'])}</b></p>{_table_html(t)}")
+    if folded and not results:
+        results.append("<p>The per-setting tables are folded under the figures below.</p>")
+    add("results", "Results", "".join(results))
     if summary["findings"]:
-        parts.append(f"<{h2}>Findings</{h2}><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in summary["findings"]) + "</ul>")
-    if summary["setup_notes"]:
-        parts.append(
-            f"<{h2}>Setup choices (where the essay is silent)</{h2}><ul>"
-            + "".join(f"<li>{html.escape(n)}</li>" for n in summary["setup_notes"]) + "</ul>"
-        )
+        add("findings", "Findings", "<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in summary["findings"]) + "</ul>")
+
+    figures = []
     for f in summary["figures"]:
         png = run_dir / f["path"]
+        caption = f.get("caption") or ""
+        alt = caption or f"figure {f['path']}"
         if png.is_file():
             data = base64.b64encode(png.read_bytes()).decode()
-            parts.append(
-                f"<figure><img alt='{html.escape(f['caption'])}' src='data:image/png;base64,{data}'>"
-                f"<figcaption>{html.escape(f['caption'])}</figcaption></figure>"
+            figures.append(
+                f"<figure><img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
             )
-    parts.append(f"<p class='prov'>{html.escape(_provenance_md(env))}</p>")
-    return "\n".join(parts)
+        else:
+            figures.append(f"<p class='warn'>Figure {html.escape(f['path'])} is missing from the run folder; "
+                           f"rewrite it with <code>safetylab report {html.escape(str(run_dir))}</code>.</p>")
+    if folded:
+        figures.append("<p>Per-setting tables (click to unfold):</p>" + "".join(folded))
+    add("figures", "Figures" if summary["figures"] else "Per-setting tables", "".join(figures))
+    if summary["setup_notes"]:
+        add("setup", "Setup choices (where the essay is silent)",
+            "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in summary["setup_notes"]) + "</ul>")
+    add("provenance", "Provenance", f"<p class='prov'>{html.escape(_provenance_md(env))}</p>")
+    return out
 
 
-def _controls_html(summary: dict[str, Any], h2: str) -> str:
+def _verdict_html(v: dict[str, Any]) -> str:
+    # The interval is printed as the study computed it (clipped to the quantity's range where
+    # the study's stats say so); nothing here widens or re-derives it.
+    ci = format_interval(v["estimate"], v["ci_low"], v["ci_high"], digits=3)
+    cmp = "&gt;" if v["direction"] == "greater" else "&lt;"
+    pct = int(round(100 * v["confidence"]))
+    return (
+        f"<div class='verdict' style='background:{_VERDICT_COLOURS.get(v['verdict'], '#555')}'>"
+        f"<b>{html.escape(v['verdict'].upper())}</b>"
+        + (f" ({html.escape(v['reason'])})" if v.get("reason") else "") + " — "
+        f"<code>{html.escape(v['metric'])}</code> = {ci} ({pct}% interval, {html.escape(v['interval_method'])}, "
+        f"n = {v['n']}); the claim needs {cmp} {v['threshold']:g}</div>"
+    )
+
+
+def html_section(summary: dict[str, Any], env: dict[str, Any], run_dir: Path, level: int = 1,
+                 anchor: str = "") -> str:
+    """One study's report as HTML: verdict, controls, primary contrast, threat model, results,
+    findings, figures (with long tables folded under them), setup choices, provenance.
+
+    At ``level`` 1 (a report of its own) a line of links to its sections follows the title;
+    in the combined report the table of contents at the top links them instead.
+    """
+    body, _ = _section_and_toc(summary, env, run_dir, level, anchor or _anchor(summary["study"]))
+    return body
+
+
+def _section_and_toc(summary: dict[str, Any], env: dict[str, Any], run_dir: Path, level: int,
+                     anchor: str) -> tuple[str, list[tuple[str, str]]]:
+    h, h2 = f"h{level}", f"h{level + 1}"
+    sections = _sections(summary, env, run_dir, h2, anchor)
+    toc = [(sid, label) for sid, label, _ in sections]
+    parts = [f"<{h} id='{anchor}'>{html.escape(summary['study'])}</{h}>"]
+    if level == 1:
+        parts.append("<nav class='sections' aria-label='Sections'>"
+                     + "".join(f"<a href='#{sid}'>{html.escape(label)}</a>" for sid, label in toc) + "</nav>")
+    parts += [
+        f"<p class='claim'><b>Claim.</b> {html.escape(summary['claim']['statement'])}</p>",
+        _verdict_html(summary["verdict"]),
+        f"<p>{html.escape(summary['headline'])}</p>",
+    ]
+    parts += [body for _, _, body in sections]
+    return "\n".join(parts), toc
+
+
+def _controls_html(summary: dict[str, Any]) -> str:
     rows = _control_rows(summary)
     if not rows:
         return ""
@@ -304,53 +417,67 @@ def _controls_html(summary: dict[str, Any], h2: str) -> str:
         "<tr>" + "".join(f"<td style='color:{colour[c]};font-weight:600'>{html.escape(c)}</td>" if j == 4
                          else f"<td>{html.escape(str(c))}</td>" for j, c in enumerate(r)) + "</tr>" for r in rows)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in _CONTROL_COLUMNS)
-    return (f"<{h2}>Controls</{h2}><p>Validity checks with known answers: a positive control must show the "
-            f"effect, a negative control must not. A failed or missing control makes the verdict inconclusive.</p>"
-            f"<table><tr>{head}</tr>{body}</table>")
+    return ("<p>Validity checks with known answers: a positive control must show the "
+            "effect, a negative control must not. A failed or missing control makes the verdict inconclusive.</p>"
+            f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
 
 
-def _contrast_html(summary: dict[str, Any], h2: str) -> str:
+def _contrast_html(summary: dict[str, Any]) -> str:
     lines = _contrast_lines(summary)
     if not lines:
         return ""
     items = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(t)}</dd>" for k, t in lines)
-    return f"<{h2}>Primary contrast</{h2}><dl class='contrast'>{items}</dl>"
+    return f"<dl class='contrast'>{items}</dl>"
 
 
 # --------------------------------------------------------------------------- combined
 
 
 def render_combined(run_dirs: list[Path], out_dir: Path, scale: str) -> Path:
-    """One HTML report over several finished runs (what ``reproduce`` ends with)."""
+    """One HTML report over several finished runs (what ``reproduce`` ends with): a table of
+    contents with each study's verdict badge, an overview table, then every study's report."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, sections, index = [], [], []
+    rows, sections, toc, index = [], [], [], []
+    used: set[str] = set()
     for rd in run_dirs:
-        summary = json.loads((rd / "summary.json").read_text())
-        env = json.loads((rd / "env.json").read_text())
+        summary = json.loads((rd / SUMMARY_FILE).read_text())
+        env = json.loads((rd / ENV_FILE).read_text())
         v = summary["verdict"]
         ci = format_interval(v["estimate"], v["ci_low"], v["ci_high"], digits=3)
-        colour = _VERDICT_COLOURS.get(v["verdict"], "#555")
         name = summary["study"]
+        anchor = _anchor(name)
+        while anchor in used:  # the same study twice: keep every id unique
+            anchor += "-again"
+        used.add(anchor)
         rows.append(
-            f"<tr><td><a href='#{html.escape(name)}'>{html.escape(name)}</a></td>"
+            f"<tr><td><a href='#{anchor}'>{html.escape(name)}</a></td>"
             f"<td>{html.escape(summary['claim']['statement'])}</td>"
-            f"<td style='color:{colour};font-weight:600'>{html.escape(v['verdict'])}"
+            f"<td>{verdict_badge(v['verdict'])}"
             + (f"<br><small>{html.escape(v['reason'])}</small>" if v.get("reason") else "") + "</td>"
             f"<td><code>{html.escape(v['metric'])}</code> {ci}</td>"
             f"<td>{html.escape(summary['threat_model']['access'])}</td><td><code>{html.escape(str(rd))}</code></td></tr>"
         )
-        sections.append(html_section(summary, env, rd, level=2))
+        body, sub = _section_and_toc(summary, env, rd, 2, anchor)
+        sections.append(body + "<p class='toplink'><a href='#contents'>↑ contents</a></p>")
+        toc.append(
+            f"<li><a href='#{anchor}'><b>{html.escape(name)}</b></a> {verdict_badge(v['verdict'])} "
+            f"<code>{html.escape(v['metric'])}</code> {ci}<br><span class='sub'>"
+            + "".join(f"<a href='#{sid}'>{html.escape(label)}</a>" for sid, label in sub) + "</span></li>"
+        )
         index.append({"study": name, "run_dir": str(rd), "verdict": v})
     body = (
         f"<h1>safetylab reproduce ({html.escape(scale)} scale)</h1>"
         "<p>Each study reruns one essay's claim on model organisms trained here; the verdict is read off a "
         "95% interval over seeds or prompts. Sections below are the per-study reports.</p>"
-        "<table><tr><th>study</th><th>claim</th><th>verdict</th><th>decisive metric [95% CI]</th>"
-        "<th>adversary access</th><th>run folder</th></tr>" + "".join(rows) + "</table>"
+        "<nav class='toc' aria-labelledby='contents'><h2 id='contents'>Contents</h2><ol>" + "".join(toc) + "</ol></nav>"
+        "<h2 id='overview'>Overview</h2>"
+        "<div class='scroll'><table><thead><tr><th>study</th><th>claim</th><th>verdict</th>"
+        "<th>decisive metric [95% CI]</th><th>adversary access</th><th>run folder</th></tr></thead><tbody>"
+        + "".join(rows) + "</tbody></table></div>"
         + "".join(f"<hr>{s}" for s in sections)
     )
     write_atomic(out_dir / "report.html", html_page(f"safetylab reproduce ({scale})", body))
-    write_atomic(out_dir / "summary.json", json.dumps({"version": SUMMARY_VERSION, "scale": scale, "runs": index}, indent=2) + "\n")
+    write_atomic(out_dir / SUMMARY_FILE, json.dumps({"version": SUMMARY_VERSION, "scale": scale, "runs": index}, indent=2) + "\n")
     return out_dir / "report.html"
 
 
@@ -360,4 +487,4 @@ def describe_verdict(summary: dict[str, Any]) -> str:
     return f"{v['verdict']}{why}: {v['metric']} = {format_interval(v['estimate'], v['ci_low'], v['ci_high'], 3)}"
 
 
-__all__ = ["render_run", "render_combined", "markdown_report", "html_section", "Analysis"]
+__all__ = ["render_run", "render_combined", "markdown_report", "html_section", "verdict_badge", "Analysis"]

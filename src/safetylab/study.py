@@ -104,6 +104,12 @@ class Table(BaseModel):
     columns: list[str]
     rows: list[list[Any]]
     caption: str = ""
+    kind: Literal["table", "matrix"] = "table"
+    """``matrix``: the first column labels the rows, the other columns label the matrix's columns,
+    and every other cell is a number (or a numeric string, or ``None``/"–" where missing), as in a
+    similarity or a source → target transfer matrix. report.html draws it as an annotated heatmap;
+    report.md and summary.json keep the numbers. Square tables labelled the same way on both
+    axes are drawn so without it (:func:`safetylab.heatmap.matrix_of`)."""
 
 
 class Figure(BaseModel):
