@@ -44,8 +44,10 @@ stores the representation at the first checkpoint where its test accuracy reache
 rule's own representation on shuffled probe rows (a representation of other inputs) must
 clear 2, i.e. the rules' seed noise leaves room to see a radical difference at all.
 
-**Also reported.** Every rule's distance from its own init (ES moves least), the
-within-rule baseline across different inits (disjoint replicate pairs), accuracy beside
+**Also reported.** Every rule's distance from its own init (1 - CKA and relative weight
+change), the within-rule baseline across different inits (disjoint replicate pairs) and the
+ratio against it (a sensitivity analysis: its cross-rule pairs share an init, its
+within-rule pairs do not), accuracy beside
 every similarity, the other registered measures (debiased CKA, RSA, Procrustes, mutual
 k-NN) as rules x rules matrices, and the extension rules (DFA, predictive coding) beside,
 not in, the verdict.
@@ -628,7 +630,7 @@ def _analyze(config: Config, records: list[dict]) -> Analysis:
     controls = [
         judge_control(neg_c, neg[0], neg[1], neg[2],
                       f"backprop twin vs backprop: ratio {_fmt(*neg[:3])} over {neg[3]} replicates (must not clear {RATIO_THRESHOLD:g})")
-        if "backprop" in rules and neg[3] else judge_control(neg_c, None, None, None, "not run: needs backprop in rules"),
+        if neg[3] else judge_control(neg_c, None, None, None, "not run: needs backprop (with its twin) among the rules"),
         judge_control(pos_c, pos[0], pos[1], pos[2],
                       f"each rule vs its shuffled other-order self: ratio {_fmt(*pos[:3])} over {pos[3]} replicates (must clear {RATIO_THRESHOLD:g})"),
     ]
