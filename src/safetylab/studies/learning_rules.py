@@ -761,7 +761,9 @@ def _analyze(config: Config, records: list[dict]) -> Analysis:
             tables.append(Table(
                 title=f"{m} at hidden layer layers.{l}, matched accuracy (as a similarity)",
                 columns=["rule"] + [SHORT.get(r, r) for r in all_rules],
-                rows=[[r] + ["–" if not np.isfinite(v) else f"{v:.3f}" for v in mat[i]] for i, r in enumerate(all_rules)],
+                rows=[[SHORT.get(r, r)] + ["–" if not np.isfinite(v) else f"{v:.3f}" for v in mat[i]]
+                      for i, r in enumerate(all_rules)],
+                kind="matrix",
                 caption="Diagonal: the rule against itself (same init, other data order). Off-diagonal: same init and "
                 "data order, different rule. Means over replicates; distances shown as 1 - d/d_max."))
     metrics["similarity/undefined_pairs"] = undefined
