@@ -101,6 +101,8 @@ TWIN = "backprop-twin"
 INIT = "init"
 N_CHECKPOINTS = 40
 """Accuracy checkpoints per run: 40 log-spaced plus 40 evenly spaced steps (the union)."""
+EARLY_MATCH = 0.05
+"""A run matched within this fraction of its training is read 'early' (a finding says so)."""
 CHECK_SIZE = 2000
 """Test inputs the checkpoint accuracies are measured on (all of a smaller test set)."""
 _CCA_LIKE = ("cca", "svcca", "pwcca")
@@ -673,6 +675,7 @@ def _analyze(config: Config, records: list[dict]) -> Analysis:
         metrics[f"accuracy/{r}_per_seed"] = [x["test_accuracy"] for x in recs]
         metrics[f"accuracy/{r}_matched"] = m_acc[0]
         metrics[f"accuracy/{r}_matched_reached"] = [len(reached), len(recs)]
+        metrics[f"accuracy/{r}_matched_fraction"] = float(np.mean(frac)) if frac else None
         secs = float(np.mean([x["train_seconds"] for x in recs])) if recs else float("nan")
         acc_rows.append([r, _fmt(*final, 3), _fmt(*m_acc, 3), f"{len(reached)}/{len(recs)}",
                          f"{np.mean(frac):.2f}" if frac else "–", f"{secs:.1f}"])
@@ -810,6 +813,15 @@ def _analyze(config: Config, records: list[dict]) -> Analysis:
         findings.append("Forward-forward read through its own pass (layer 2 fed the unit-normalised layer 1) vs the "
                         "shared pass every rule is read through: linear CKA " +
                         ", ".join(f"layers.{l} {v:.3f}" for l, v in enumerate(per_layer)) + ".")
+    early = {r: metrics[f"accuracy/{r}_matched_fraction"] for r in rules
+             if (metrics[f"accuracy/{r}_matched_fraction"] or 1.0) < EARLY_MATCH}
+    if early:
+        findings.append(
+            f"At the matched accuracy {target:.2f} some rules are read early in their training ("
+            + ", ".join(f"{SHORT.get(r, r)} after {100 * v:.1f}% of its steps" for r, v in early.items())
+            + "): there the comparison is close to one between inits; a higher match_accuracy needs every rule, "
+            "the slowest included, to reach it (see the end-of-training ratio for the other extreme)."
+        )
     missed = {r: metrics[f"accuracy/{r}_matched_reached"] for r in all_rules
               if metrics[f"accuracy/{r}_matched_reached"][0] < metrics[f"accuracy/{r}_matched_reached"][1]}
     if missed:
