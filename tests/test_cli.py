@@ -61,6 +61,10 @@ BAD = [
     (["run", "shield", "--workers", "0"], "workers"),
     (["reproduce", "--only", "shield,nope"], "unknown study nope"),
     (["threats", "--runs", "a_file"], "is a file"),
+    (["runs", "a_file"], "is a file"),
+    (["runs", "no_such_dir"], "does not exist"),
+    (["index", "a_file"], "is a file"),
+    (["index", "no_such_dir"], "does not exist"),
     (["describe", "nope"], "unknown study"),
 ]
 

@@ -287,6 +287,55 @@ def threats_cmd(
         console.print(f"Studies with no finished run: {', '.join(cov['studies_without_runs'])}.")
 
 
+@app.command("runs")
+def runs_cmd(
+    runs_dir: Path = typer.Argument(Path("runs"), help="Folder of run folders (default ./runs), a study's folder or one run."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Every run under DIR, newest first: study, when, scale, seed, verdict with its interval,
+    complete or partial, and the config keys that differ from the scale's defaults."""
+    from safetylab.catalog import changes_text, list_runs, verdict_text, when_text
+
+    rows = list_runs(runs_dir)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        print(f"no runs under {runs_dir}; start one with 'safetylab run STUDY'")  # one line, never wrapped
+        return
+    table = Table(title=f"{sum(r['kind'] == 'run' for r in rows)} run(s) in {runs_dir}, newest first")
+    for col in ("study", "started", "scale", "seed", "verdict [95% CI]", "status", "config changed", "folder"):
+        # Names, times and intervals are read whole; notes, configs and paths wrap.
+        table.add_column(col, overflow="fold", no_wrap=col not in ("status", "config changed", "folder"))
+    colour = {"holds": "green", "does not hold": "red", "inconclusive": "yellow"}
+    for r in rows:
+        verdict = verdict_text(r, metric=False)
+        if r["verdict"] in colour:
+            verdict = f"[{colour[r['verdict']]}]{verdict}[/]"
+        status = r["status"] + (f" ({r['note']})" if r["note"] else "")
+        table.add_row(r["study"], when_text(r["started"]), str(r["scale"] or "–"),
+                      "–" if r["seed"] is None else str(r["seed"]), verdict,
+                      status if r["status"] == "complete" else f"[yellow]{status}[/]",
+                      changes_text(r["changed"]), r["run_dir"])
+    # Piped or logged, a table squeezed to 80 columns is unreadable: give it room instead.
+    out = console if console.is_terminal else Console(width=max(console.width, 160))
+    out.print(table)
+
+
+@app.command("index")
+def index_cmd(
+    runs_dir: Path = typer.Argument(Path("runs"), help="Folder of run folders (default ./runs)."),
+) -> None:
+    """Write DIR/index.html: the 'safetylab runs' table as a page linking each report (opens offline)."""
+    from safetylab.catalog import list_runs, write_index
+
+    rows = list_runs(runs_dir)
+    path = write_index(runs_dir, rows)
+    if not rows:
+        print(f"no runs under {runs_dir} yet; wrote an empty index")
+    print(f"index: {path}")
+
+
 @app.command("calibrate")
 def calibrate_cmd(
     study: str = typer.Argument(..., help="Study name (see 'safetylab list')."),

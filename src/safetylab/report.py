@@ -236,7 +236,7 @@ th{background:#f0f0f0} caption{caption-side:bottom;font-style:italic;color:#555;
 figure{margin:1em 0} figure img{max-width:100%;height:auto} figcaption{color:#444;font-style:italic}
 figure.matrix{display:inline-block;vertical-align:top;margin:.5em 2em 1em 0;max-width:100%}
 details{margin:.4em 0 1em} summary{cursor:pointer}
-code,dd,.claim,.verdict,.prov,li{overflow-wrap:anywhere}
+code,dd,.claim,.verdict,.prov,li{overflow-wrap:anywhere} .nowrap{white-space:nowrap}
 .prov{font-size:.8em;color:#555} .warn{background:#fff3cd;padding:.5em 1em;border-radius:4px}
 .badge{display:inline-block;color:#fff;border-radius:1em;padding:0 .6em;font-size:.85em;font-weight:600;white-space:nowrap}
 nav.sections a{margin-right:1em;white-space:nowrap}
