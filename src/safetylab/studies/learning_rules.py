@@ -590,6 +590,10 @@ def _t(values: list[float], bounds=None) -> tuple[float, float, float]:
     return mean_t_interval(v, bounds=bounds)
 
 
+def _num(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
+
+
 def _fmt(est: float, lo: float, hi: float, digits: int = 2) -> str:
     return format_interval(est, lo, hi, digits)
 
@@ -715,6 +719,11 @@ def _analyze(config: Config, records: list[dict]) -> Analysis:
             f"init, other data order. Ratio: geometric mean over replicates with an unadjusted 95% t interval; "
             f"the claim needs > {RATIO_THRESHOLD:g}."))
 
+    # accuracy of the snapshots compared at the matched checkpoint (a run that never reached it: its end)
+    compared_acc = {r: float(np.mean([rd.accuracy((r, s, o)) for s in seeds for o in ORDERS if rd.has((r, s, o))]))
+                    for r in all_rules}
+    metrics["accuracy/compared_at_match"] = compared_acc
+
     # baselines and distance from init
     base_rows = []
     sim_bounds = _similarity_bounds(measure)
@@ -731,12 +740,13 @@ def _analyze(config: Config, records: list[dict]) -> Analysis:
         metrics[f"within_other_init/{r}/layers.{l}"] = list(t_other)
         metrics[f"from_init/{r}/layers.{l}"] = list(t_init)
         metrics[f"weight_change/{r}/layers.{l}"] = float(np.mean(wchange)) if wchange else None
-        base_rows.append([r, f"layers.{l}", _fmt(*t_same, 3), _fmt(*t_other, 3), _fmt(*t_init, 3),
-                          f"{np.mean(wchange):.2f}" if wchange else "–"])
+        base_rows.append([r, f"layers.{l}", _num(compared_acc[r]), _fmt(*t_same, 3), _fmt(*t_other, 3),
+                          _num(metrics[f"accuracy/{r}"]), _fmt(*t_init, 3), f"{np.mean(wchange):.2f}" if wchange else "–"])
     tables.append(Table(
         title="Within-rule baselines and distance from the initialisation",
-        columns=["rule", "layer", f"{measure} vs itself, same init (matched)", f"{measure} vs itself, other init (matched)",
-                 f"1 - {measure} from own init (final)", "relative weight change ||W - W0|| / ||W0|| (final)"],
+        columns=["rule", "layer", "accuracy (compared, matched)", f"{measure} vs itself, same init (matched)",
+                 f"{measure} vs itself, other init (matched)", "accuracy (final)", f"1 - {measure} from own init (final)",
+                 "relative weight change ||W - W0|| / ||W0|| (final)"],
         rows=base_rows,
         caption=f"'Other init': disjoint pairs of replicates ({len(pairs_of_seeds)} independent pairs). "
         "Intervals: 95% Student t."))
@@ -768,7 +778,9 @@ def _analyze(config: Config, records: list[dict]) -> Analysis:
                       for i, r in enumerate(all_rules)],
                 kind="matrix",
                 caption="Diagonal: the rule against itself (same init, other data order). Off-diagonal: same init and "
-                "data order, different rule. Means over replicates; distances shown as 1 - d/d_max."))
+                "data order, different rule. Means over replicates; distances shown as 1 - d/d_max. Test accuracy at "
+                "this checkpoint: " + ", ".join(f"{SHORT.get(r, r)} {_num(compared_acc[r])}" for r in all_rules)
+                + "."))
     metrics["similarity/undefined_pairs"] = undefined
 
     # findings, each backed by a metric or table
