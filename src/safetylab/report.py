@@ -232,7 +232,7 @@ dl.threat-list,dl.contrast{display:grid;grid-template-columns:minmax(8em,max-con
 dl.threat-list dt,dl.contrast dt{font-weight:600} dl.threat-list dd,dl.contrast dd{margin:0}
 .scroll{overflow-x:auto;max-width:100%;margin:.6em 0 1.2em}
 table{border-collapse:collapse;font-size:.92em} th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
-th{background:#f0f0f0} caption{caption-side:bottom;font-style:italic;color:#555;text-align:left;padding-top:.3em}
+th{background:#f0f0f0} .tcap{font-style:italic;color:#555;margin:-.9em 0 1.2em;font-size:.92em}
 figure{margin:1em 0} figure img{max-width:100%;height:auto} figcaption{color:#444;font-style:italic}
 figure.matrix{display:inline-block;vertical-align:top;margin:.5em 2em 1em 0;max-width:100%}
 details{margin:.4em 0 1em} summary{cursor:pointer}
@@ -270,12 +270,24 @@ def verdict_badge(verdict: str) -> str:
     return f"<span class='badge' style='background:{colour}'>{html.escape(verdict)}</span>"
 
 
+_NUMERIC_CELL = re.compile(r"^[-+−–]?\.?\d[^\s]*( \[[^\]]*\])?( \(.*\))?$")
+
+
+def _td(x: Any) -> str:
+    # A number or "0.48 [0.23, 0.74]" is read whole: it never breaks across lines (the table
+    # scrolls in its box instead); prose wraps.
+    text = _cell_html(x)
+    keep = isinstance(x, (int, float)) or (isinstance(x, str) and len(x) <= 32 and _NUMERIC_CELL.match(x))
+    return f"<td class='nowrap'>{text}</td>" if keep else f"<td>{text}</td>"
+
+
 def _table_html(t: dict[str, Any]) -> str:
     """A table in its own horizontally scrolling box, so a wide one never widens the page."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in t["columns"])
-    rows = "".join("<tr>" + "".join(f"<td>{_cell_html(c)}</td>" for c in r) + "</tr>" for r in t["rows"])
-    cap = f"<caption>{html.escape(t['caption'])}</caption>" if t.get("caption") else ""
-    return f"<div class='scroll'><table>{cap}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
+    rows = "".join("<tr>" + "".join(_td(c) for c in r) + "</tr>" for r in t["rows"])
+    # The caption sits outside the scrolling box, so it wraps to the page, not to the table.
+    cap = f"<p class='tcap'>{html.escape(t['caption'])}</p>" if t.get("caption") else ""
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>{cap}"
 
 
 def _matrix_html(t: dict[str, Any], m: Matrix) -> str:
