@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from safetylab.claims import Verdict
-from safetylab.metrics.stats import format_interval
 from safetylab.heatmap import Matrix, heatmap_svg, matrix_of
+from safetylab.metrics.stats import format_interval
 from safetylab.results import (
     ENV_FILE, RESULTS_FILE, SUMMARY_FILE, ResultsLog, finished_records, json_safe, load_run, write_atomic,
 )
