@@ -72,3 +72,25 @@ def test_estimates_of_what_is_left() -> None:
     stage = progress._Stage("units", 8, started=100.0, completed=2)
     assert stage.status(100.0 + 120) == "units 2/8 (25%), 2m00s elapsed, ~6m00s left"
     assert progress._Stage("unit x", None, started=0.0).status(3725) == "unit x, 1h02m elapsed"
+
+
+def test_stdout_log_gets_plain_lines_while_the_terminal_keeps_its_bars(monkeypatch) -> None:
+    """`make demo > demo.log`: stderr is a terminal, stdout a file. The bars stay on the
+    terminal, and the log still says what is happening -- once the command asks for it."""
+    term, log = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(progress, "_console", Console(file=term, force_terminal=True))
+    monkeypatch.setattr("sys.stdout", log)
+    monkeypatch.setattr(progress, "_stdout_log", False)
+    with progress.bar("training base", 3) as advance:
+        advance(3)
+    assert log.getvalue() == ""  # a command printing JSON on stdout keeps it clean
+    progress.log_to_stdout()
+    with progress.bar("training base", 3) as advance:
+        with progress.bar("unit", 2) as inner:
+            inner(2)
+        advance(3)
+    lines = log.getvalue().splitlines()
+    assert [ln.split("] ", 1)[1] for ln in lines] == [
+        "training base: started (3 steps)", "unit: started (2 steps)", "unit: done 2/2 in 0s",
+        "training base: done 3/3 in 0s"]
+    assert "training base" in term.getvalue()

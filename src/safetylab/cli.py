@@ -140,8 +140,10 @@ def run_cmd(
     Any config key also works as an option: --prompt-column text, --exit-mode confidence,
     --model PATH (one entry of a 'models' list); see 'safetylab describe STUDY'.
     """
+    from safetylab.progress import log_to_stdout
     from safetylab.runs import UnitsFailed, parse_extra_options, parse_set_options, run_study
 
+    log_to_stdout(not as_json)  # `safetylab run X > run.log` still says what it is doing
     if resume is None and study is None:
         raise UserError("name a study to run (see 'safetylab list'), or pass --resume RUN_DIR")
     if resume is not None:
@@ -197,10 +199,12 @@ def reproduce_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the combined summary as JSON."),
 ) -> None:
     """Every study at one scale, then one combined HTML report."""
+    from safetylab.progress import log_to_stdout
     from safetylab.report import render_combined
     from safetylab.runs import UnitsFailed, new_run_dir, run_study
     from safetylab.studies import available
 
+    log_to_stdout(not as_json)  # `make demo > demo.log` says what it is doing while organisms train
     names = available()
     if only:
         chosen = [s.strip() for s in only.split(",") if s.strip()]

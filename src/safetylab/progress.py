@@ -10,7 +10,10 @@ run's units bar) and is removed when it ends.
 In a log (stderr redirected to a file or a pipe) nothing is drawn; instead each stage
 writes one plain line when it starts and one when it ends, and while any stage is open
 one line about every :data:`LOG_INTERVAL_S` seconds gives every open stage's count,
-elapsed time and an estimate of what is left::
+elapsed time and an estimate of what is left. When only stdout goes to a log
+(``make demo > demo.log``) and the command has asked for it (:func:`log_to_stdout`, which
+``run``/``reproduce``/``organism train`` do unless they print JSON), the bars stay on the
+terminal and the same plain lines go to the log::
 
     [12:00:03] training base: started (3000 steps)
     [12:01:03] training base: 1210/3000 (40%), 1m00s elapsed, ~1m29s left
@@ -20,11 +23,12 @@ elapsed time and an estimate of what is left::
 from __future__ import annotations
 
 import datetime as _dt
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -41,6 +45,26 @@ LOG_INTERVAL_S = 60.0
 
 _console = Console(stderr=True)
 _on_screen: list[Progress] = []  # the display bars are added to, when one is live
+_screen_streams: list[Any] = []  # the plain-line stream of each live display (None: none)
+_stdout_log = False
+
+
+def log_to_stdout(enabled: bool = True) -> None:
+    """Also write plain progress lines to stdout when stdout is not a terminal (a log).
+    Commands that print JSON on stdout leave this off."""
+    global _stdout_log
+    _stdout_log = enabled
+
+
+def _plain_stream() -> Any:
+    """Where plain progress lines go: stderr when it is a log, else stdout when it is a log
+    and the command asked for it, else nowhere."""
+    if not _console.is_terminal:
+        return _console.file
+    out = sys.stdout
+    if _stdout_log and out is not None and not (hasattr(out, "isatty") and out.isatty()):
+        return out
+    return None
 
 
 def make_progress(transient: bool = False) -> Progress:
@@ -70,27 +94,38 @@ def bar(description: str, total: float | None, *, transient: bool = True,
     if quiet:
         yield lambda n=1: None
         return
-    if not _on_screen and not _console.is_terminal:
-        with _log.stage(description, total) as advance:
+    # Inside a live display rich swaps sys.stdout for a proxy: nested bars use the log stream
+    # the outermost one found.
+    stream = _plain_stream() if not _on_screen else _screen_streams[-1]
+    if not _console.is_terminal:
+        with _log.stage(description, total, stream) as advance:
             yield advance
         return
-    if _on_screen:
-        display = _on_screen[-1]
+    with (_log.stage(description, total, stream) if stream is not None else _no_log()) as log_advance:
+        if _on_screen:
+            display = _on_screen[-1]
+            task = display.add_task(description, total=total)
+            try:
+                yield lambda n=1: (display.advance(task, n), log_advance(n))
+            finally:
+                display.remove_task(task)
+            return
+        display = make_progress(transient=transient)
         task = display.add_task(description, total=total)
+        display.start()
+        _on_screen.append(display)
+        _screen_streams.append(stream)
         try:
-            yield lambda n=1: display.advance(task, n)
+            yield lambda n=1: (display.advance(task, n), log_advance(n))
         finally:
-            display.remove_task(task)
-        return
-    display = make_progress(transient=transient)
-    task = display.add_task(description, total=total)
-    display.start()
-    _on_screen.append(display)
-    try:
-        yield lambda n=1: display.advance(task, n)
-    finally:
-        _on_screen.pop()
-        display.stop()
+            _on_screen.pop()
+            _screen_streams.pop()
+            display.stop()
+
+
+@contextmanager
+def _no_log() -> Iterator[Callable[..., None]]:
+    yield lambda n=1: None
 
 
 # --------------------------------------------------------------------------- logs
@@ -110,6 +145,8 @@ def format_duration(seconds: float) -> str:
 class _Stage:
     description: str
     total: float | None
+    stream: Any = None
+    """Where this stage's lines go."""
     started: float = field(default_factory=time.monotonic)
     completed: float = 0.0
 
@@ -135,19 +172,19 @@ class _LogLines:
         self._last_line = 0.0
         self._ticker: threading.Thread | None = None  # alive while a stage is open, and briefly after
 
-    def _write(self, text: str) -> None:
+    def _write(self, text: str, stream: Any) -> None:
         # Called with the lock held. Plain text, no wrapping: a log line stays one line.
         stamp = _dt.datetime.now().strftime("%H:%M:%S")
-        _console.file.write(f"[{stamp}] {text}\n")
-        _console.file.flush()
+        stream.write(f"[{stamp}] {text}\n")
+        stream.flush()
         self._last_line = time.monotonic()
 
     @contextmanager
-    def stage(self, description: str, total: float | None) -> Iterator[Callable[..., None]]:
-        stage = _Stage(description, total)
+    def stage(self, description: str, total: float | None, stream: Any) -> Iterator[Callable[..., None]]:
+        stage = _Stage(description, total, stream)
         with self._lock:
             self._stages.append(stage)
-            self._write(f"{description}: started" + (f" ({total:g} steps)" if total else ""))
+            self._write(f"{description}: started" + (f" ({total:g} steps)" if total else ""), stream)
             if self._ticker is None:
                 self._ticker = threading.Thread(target=self._tick, name="safetylab-progress", daemon=True)
                 self._ticker.start()
@@ -165,7 +202,7 @@ class _LogLines:
                 took = format_duration(time.monotonic() - stage.started)
                 count = f" {stage.completed:g}/{stage.total:g}" if stage.total else ""
                 self._write(f"{description}: done{count} in {took}" if ok else
-                            f"{description}: stopped{' at' + count if count else ''} after {took}")
+                            f"{description}: stopped{' at' + count if count else ''} after {took}", stream)
 
     def _tick(self) -> None:
         while True:
@@ -177,7 +214,7 @@ class _LogLines:
                     return
                 now = time.monotonic()
                 if now - self._last_line >= LOG_INTERVAL_S:
-                    self._write(" › ".join(s.status(now) for s in self._stages))
+                    self._write(" › ".join(s.status(now) for s in self._stages), self._stages[0].stream)
 
 
 _log = _LogLines()

@@ -70,6 +70,9 @@ def train(
 ) -> None:
     """Train an organism (its base first if needed) and print its cache folder."""
     from safetylab.organisms.cache import get_organism
+    from safetylab.progress import log_to_stdout
+
+    log_to_stdout()
 
     for name, v in (("--layers", layers), ("--width", width), ("--heads", heads),
                     ("--d-ff", d_ff), ("--steps", steps), ("--threads", threads)):
