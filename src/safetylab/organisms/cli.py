@@ -140,43 +140,85 @@ def _cached_eval(path: Path, n: int, split: str, rng_seed: int, device: str = "c
     return res
 
 
-@app.command("eval")
-def eval_cmd(
-    path: Path = typer.Argument(..., help="Organism folder (printed by 'organism train' / 'organism list')."),
-    n: int = typer.Option(300, help="Requests per row (hundreds, so a 97% bar means something)."),
-    split: str = typer.Option("heldout", help="Template split: heldout (the quality bars) or train."),
-    seed: int = typer.Option(0, help="Evaluation-set seed."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON (metrics and bars)."),
-    device: str = typer.Option("cpu", help="torch device for generation."),
-) -> None:
-    """Grade an organism on fresh requests from its world and check the quality bars."""
-    from safetylab.metrics.stats import format_interval
-    from safetylab.organisms.cache import load_meta
+def _parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; UserError for anything else."""
+    parts = [x.strip() for x in text.split(",")]
+    try:
+        seeds = [int(x) for x in parts]
+    except ValueError:
+        raise UserError(f"--seeds={text!r}: use comma-separated training seeds, such as 0,1,2") from None
+    for s in seeds:
+        if s < 0:
+            raise UserError(f"--seeds={text}: seed {s} is negative; training seeds are integers >= 0")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise UserError(f"--seeds={text}: seed {', '.join(map(str, repeated))} is repeated; "
+                        f"list each training seed once")
+    return seeds
+
+
+def _graded(path: Path, meta: dict[str, Any], n: int, split: str, seed: int,
+            device: str) -> dict[str, Any]:
+    """The cached evaluation of one organism with its quality bars.
+
+    The "benign_correct drop vs base" bar compares with the organism's own base
+    (``organism.json``'s ``base_hash``), looked up next to it in the same cache; when the
+    base is not there the bar is left out and ``base_benign_correct`` is None.
+    """
+    from safetylab.organisms.cache import check_entry
     from safetylab.organisms.evaluate import bars
 
-    if not path.exists():
-        raise UserError(f"organism path {path} does not exist; list organisms with 'safetylab organism list'")
-    if n < 1:
-        raise UserError(f"--n={n} must be >= 1")
-    if split not in ("heldout", "train"):
-        raise UserError(f"--split={split!r}; use 'heldout' or 'train'")
-    meta = load_meta(path)
-    _quiet_transformers()
     res = _cached_eval(path, n, split, seed, device)
     base_benign = None
     if meta["variant"] != "base" and meta.get("base_hash"):
         base = path.parent / meta["base_hash"]
-        from safetylab.organisms.cache import check_entry
-
         if check_entry(base, meta["base_hash"]) is None:
             base_benign = _cached_eval(base, n, split, seed, device)["metrics"]["benign/correct"]["rate"]
     res["bars"] = bars(res, base_benign)
     res["base_benign_correct"] = base_benign
-    if as_json:
-        typer.echo(json.dumps(res, indent=2, sort_keys=True))
-        return
+    cfg = meta["config"]
+    res["training_seed"] = cfg["seed"]
+    res["base_seed"] = None if meta["variant"] == "base" else (
+        cfg["seed"] if cfg.get("base_seed") is None else cfg["base_seed"])
+    return res
+
+
+def _spread(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each bar across the organisms of one variant and scale: per-seed values and their
+    mean, min and max (a bar an organism lacks, its base being absent, is None there)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["variant"], r["scale"]), []).append(r)
+    out = []
+    for (variant, scale), rs in groups.items():
+        names: list[str] = []
+        for r in rs:
+            names += [b["bar"] for b in r["bars"] if b["bar"] not in names]
+        rows = []
+        for name in names:
+            by_org = [next((b for b in r["bars"] if b["bar"] == name), None) for r in rs]
+            first = next(b for b in by_org if b is not None)
+            values = [None if b is None else b["value"] for b in by_org]
+            got = [v for v in values if v is not None]
+            rows.append({
+                "bar": name, "op": first["op"], "threshold": first["threshold"],
+                "values": values, "pass": [None if b is None else b["pass"] for b in by_org],
+                "mean": sum(got) / len(got), "min": min(got), "max": max(got),
+                "n_pass": sum(1 for b in by_org if b is not None and b["pass"]), "n": len(got),
+            })
+        out.append({"variant": variant, "scale": scale,
+                    "training_seeds": [r["training_seed"] for r in rs],
+                    "base_seeds": [r["base_seed"] for r in rs],
+                    "hashes": [r["hash"] for r in rs], "bars": rows})
+    return out
+
+
+def _print_one(res: dict[str, Any], path: Path, split: str) -> None:
+    """The single-organism report: every metric with its interval, then the bars."""
     from rich.console import Console
     from rich.table import Table as RichTable
+
+    from safetylab.metrics.stats import format_interval
 
     t = RichTable(title=f"{res['variant']} ({res['scale']}) — {split} templates, {path}")
     t.add_column("metric")
@@ -193,8 +235,157 @@ def eval_cmd(
         b.add_row(r["bar"], f"{r['value']:.3f}", f"{r['op']} {r['threshold']}", "yes" if r["pass"] else "NO")
     if res["bars"]:
         con.print(b)
-    if meta["variant"] != "base" and base_benign is None:
+    if res["variant"] != "base" and res["base_benign_correct"] is None:
         con.print("benign_correct vs base: base organism not in this cache; bar not checked")
+
+
+def _seed_label(seed: int, base_seed: int | None) -> str:
+    return f"seed {seed}" if base_seed is None or base_seed == seed else f"seed {seed} (base {base_seed})"
+
+
+def _print_spread(results: list[dict[str, Any]], groups: list[dict[str, Any]], split: str,
+                  n: int) -> None:
+    """One table per variant: each bar per training seed, then mean, min and max."""
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    con = Console()
+    for g in groups:
+        k = len(g["training_seeds"])
+        t = RichTable(title=f"{g['variant']} ({g['scale']}) — quality bars over {k} training "
+                            f"seed{'s' if k > 1 else ''}, {split} templates, n={n}")
+        t.add_column("bar")
+        t.add_column("needed")
+        for s, bs in zip(g["training_seeds"], g["base_seeds"]):
+            t.add_column(_seed_label(s, bs), justify="right")
+        for col in ("mean", "min", "max"):
+            t.add_column(col, justify="right")
+        for row in g["bars"]:
+            cells = ["—" if v is None else f"{v:.3f}" + ("" if ok else " NO")
+                     for v, ok in zip(row["values"], row["pass"])]
+            t.add_row(row["bar"], f"{row['op']} {row['threshold']}", *cells,
+                      f"{row['mean']:.3f}", f"{row['min']:.3f}", f"{row['max']:.3f}")
+        con.print(t)
+    for r in results:
+        note = ("  (base not in this cache: benign_correct drop not checked)"
+                if r["variant"] != "base" and r["base_benign_correct"] is None else "")
+        con.print(f"{r['variant']} {_seed_label(r['training_seed'], r['base_seed'])}: {r['path']}{note}",
+                  highlight=False, soft_wrap=True)
+    failed = [(r, b) for r in results for b in r["bars"] if not b["pass"]]
+    if failed:
+        con.print(f"FAIL: {len(failed)} bar(s) failed: " + "; ".join(
+            f"{r['variant']} {_seed_label(r['training_seed'], r['base_seed'])} {b['bar']} "
+            f"{b['value']:.3f} (needs {b['op']} {b['threshold']})" for r, b in failed),
+            highlight=False, soft_wrap=True)
+    else:
+        con.print(f"all {len(results)} organisms pass their quality bars", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    paths: Optional[list[Path]] = typer.Argument(
+        None, help="Organism folders (printed by 'organism train' / 'organism list'); or use --variant."),
+    variant: Optional[str] = typer.Option(
+        None, help="Evaluate this variant over --seeds instead of folders (trains any that are missing)."),
+    seeds: Optional[str] = typer.Option(
+        None, help="Training seeds with --variant, comma-separated (default 0), e.g. 0,1,2."),
+    scale: Optional[str] = typer.Option(None, help="Scale with --variant: tiny, quick (default) or paper."),
+    base_seed: Optional[int] = typer.Option(
+        None, help="With --variant: fine-tune every seed from the base of this seed (quick-scale "
+                   "studies use 0); default: each seed its own base."),
+    cache_dir: Optional[Path] = typer.Option(
+        None, help="Organism cache with --variant (default ~/.cache/safetylab/organisms)."),
+    n: int = typer.Option(300, help="Requests per row (hundreds, so a 97% bar means something)."),
+    split: str = typer.Option("heldout", help="Template split: heldout (the quality bars) or train."),
+    seed: int = typer.Option(0, help="Evaluation-set seed (the same requests for every organism)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (metrics and bars; with several "
+                                                        "organisms also the spread across seeds)."),
+    device: str = typer.Option("cpu", help="torch device for training and generation."),
+    threads: Optional[int] = typer.Option(None, help="torch threads for training and generation "
+                                                     "(default: torch's)."),
+    quiet: bool = typer.Option(False, help="No progress bar while training missing organisms."),
+) -> None:
+    """Grade organisms on fresh requests from their world and check the quality bars.
+
+    One folder: every metric and the bars. Several folders, or --variant with --seeds: each
+    bar per training seed and its mean, min and max across seeds. Exit code 1 when any
+    bar fails, so scripts can gate on it.
+    """
+    from safetylab.organisms.cache import load_meta
+
+    from safetylab.study import torch_threads
+
+    paths = list(paths or [])
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads={threads} is impossible; use a positive integer")
+    if n < 1:
+        raise UserError(f"--n={n} must be >= 1")
+    if split not in ("heldout", "train"):
+        raise UserError(f"--split={split!r}; use 'heldout' or 'train'")
+    if paths and variant is not None:
+        raise UserError("pass organism folders or --variant with --seeds, not both")
+    if paths:
+        for name, v in (("--seeds", seeds), ("--scale", scale), ("--base-seed", base_seed),
+                        ("--cache-dir", cache_dir)):
+            if v is not None:
+                raise UserError(f"{name} picks organisms by variant; add --variant V, or drop {name} "
+                                f"when passing organism folders")
+        for p in paths:
+            if not p.exists():
+                raise UserError(f"organism path {p} does not exist; list organisms with "
+                                f"'safetylab organism list'")
+        seen: set[Path] = set()
+        for p in paths:
+            if p.resolve() in seen:
+                raise UserError(f"organism path {p} is given twice; list each organism once")
+            seen.add(p.resolve())
+        metas = [load_meta(p) for p in paths]  # every folder checked before any is graded
+    elif variant is not None:
+        from safetylab.organisms.cache import get_organism
+        from safetylab.organisms.train import SCALES, VARIANTS
+
+        if variant not in VARIANTS:
+            raise UserError(f"unknown organism variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        scale = scale or "quick"
+        if scale not in SCALES:
+            raise UserError(f"unknown organism scale {scale!r}; choose from {', '.join(SCALES)}")
+        seed_list = _parse_seeds(seeds) if seeds is not None else [0]
+        if base_seed is not None and base_seed < 0:
+            raise UserError(f"--base-seed={base_seed} is negative; training seeds are integers >= 0")
+        if base_seed is not None and variant == "base":
+            raise UserError("--base-seed picks the base a variant is fine-tuned from; drop it for "
+                            "--variant base (--seeds are the bases' own seeds)")
+        if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
+            raise UserError(f"--cache-dir {cache_dir} is a file, not a folder; pass the organism cache folder")
+        if not as_json:
+            from safetylab.progress import log_to_stdout
+
+            log_to_stdout()
+        paths = [get_organism(variant, scale, cache_dir=cache_dir, seed=s, base_seed=base_seed,
+                              quiet=quiet, num_threads=threads, device=device) for s in seed_list]
+        metas = [load_meta(p) for p in paths]
+    else:
+        raise UserError("name organism folders, or --variant V with --seeds 0,1,2; "
+                        "'safetylab organism list' shows the cached ones")
+    _quiet_transformers()
+    with torch_threads(threads):
+        results = [_graded(p, m, n, split, seed, device) for p, m in zip(paths, metas)]
+    ok = all(b["pass"] for r in results for b in r["bars"])
+    if len(results) == 1 and variant is None:  # the single-folder report
+        if as_json:
+            typer.echo(json.dumps(results[0], indent=2, sort_keys=True))
+        else:
+            _print_one(results[0], paths[0], split)
+    else:
+        groups = _spread(results)
+        if as_json:
+            typer.echo(json.dumps({"version": 1, "split": split, "n": n, "eval_seed": seed,
+                                   "pass": ok, "organisms": results, "spread": groups},
+                                  indent=2, sort_keys=True))
+        else:
+            _print_spread(results, groups, split, n)
+    if not ok:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -228,9 +419,10 @@ def chat(
 
 
 def main() -> None:
-    """Stand-alone entry point: UserError -> one line on stderr, exit code 2."""
+    """Stand-alone entry point: UserError -> one line on stderr, exit code 2; a failed
+    quality bar in ``eval`` -> exit code 1."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
@@ -241,6 +433,8 @@ def main() -> None:
             exc.show()
             raise SystemExit(2) from None
         raise
+    if isinstance(rc, int) and rc:  # typer.Exit(1): a quality bar failed
+        raise SystemExit(rc)
 
 
 if __name__ == "__main__":
