@@ -1,10 +1,17 @@
-"""Organism training speed: tokens/second and (projected or measured) training times.
+"""Organism training speed: tokens/second and the time to train every organism a study needs.
+
+Studies decide over training seeds: at quick scale three seeds per variant, all fine-tuned
+from one base (seed 0); at paper scale five seeds, each with its own base. This prints
+each stage's tokens/s and training time per seed, and the total for base + every variant
+over ``--seeds`` seeds, both with the base shared and with a base per seed, so the cost of
+seeds is visible.
 
 Usage::
 
     python benchmarks/organisms.py                 # quick scale, 2 threads, short runs, projected times
-    python benchmarks/organisms.py --full          # train the full quick base + variants, measured times
+    python benchmarks/organisms.py --full          # train base + every variant x 3 seeds, measured times
     python benchmarks/organisms.py --scale tiny --full
+    python benchmarks/organisms.py --scale paper --seeds 5
 
 Targets (issue "Model organisms"): quick base <= 10 min and each variant <= 3 min on
 2 CPU cores. Numbers depend on what else the machine is running: say so when reporting.
@@ -31,13 +38,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", default="quick", choices=["tiny", "quick", "paper"])
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (target: 2 cores)")
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="training seeds per variant (quick studies: 3, paper: 5)")
     ap.add_argument("--probe-steps", type=int, default=40, help="steps timed per stage when not --full")
-    ap.add_argument("--full", action="store_true", help="train every stage fully (measured, not projected)")
+    ap.add_argument("--full", action="store_true",
+                    help="train the base once and every variant for every seed (measured, not projected)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated stages")
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
     args = ap.parse_args()
+    for name in ("threads", "seeds", "probe_steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}={getattr(args, name)}; use a positive integer")
+    unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
-    variants = [v for v in args.variants.split(",") if v]
+    variants = [v for v in args.variants.split(",") if v and v != "base"]
+    seeds = list(range(args.seeds))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
@@ -47,43 +64,64 @@ def main() -> None:
         base = get_organism("base", args.scale, cache_dir=cache, overrides=base_steps)
         meta = json.loads((base / "organism.json").read_text())
         full_steps = organism_config("base", args.scale).base_train.steps
-        rows.append(_row("base", meta["training"], full_steps, time.perf_counter() - t0))
+        rows.append(_row("base", [meta["training"]], full_steps, time.perf_counter() - t0))
         for v in variants:
-            if v == "base":
-                continue
             cfg = organism_config(v, args.scale)
             if args.full:
                 t1 = time.perf_counter()
-                p = get_organism(v, args.scale, cache_dir=cache)
-                m = json.loads((p / "organism.json").read_text())
-                rows.append(_row(v, m["training"], cfg.variant_train.steps, time.perf_counter() - t1))
+                trainings = []
+                for s in seeds:  # every seed fine-tuned from the shared base (seed 0)
+                    p = get_organism(v, args.scale, cache_dir=cache, seed=s, base_seed=0)
+                    trainings.append(json.loads((p / "organism.json").read_text())["training"])
+                rows.append(_row(v, trainings, cfg.variant_train.steps, time.perf_counter() - t1))
             else:
                 probe = cfg.model_copy(update={"variant_train": cfg.variant_train.model_copy(
                     update={"steps": args.probe_steps})})
                 res = train_organism(probe, base_path=base)
-                tr = {"seconds": res.seconds, "tokens": res.tokens, "steps": args.probe_steps,
-                      "tokens_per_s": res.tokens / res.seconds}
-                rows.append(_row(v, tr, cfg.variant_train.steps, None))
-    mode = "measured" if args.full else f"projected from {args.probe_steps} steps"
+                tr = {"seconds": res.seconds, "tokens": res.tokens, "steps": args.probe_steps}
+                rows.append(_row(v, [tr], cfg.variant_train.steps, None))
+    totals = _totals(rows, args.seeds)
+    mode = (f"measured, {args.seeds} seeds per variant" if args.full
+            else f"projected from {args.probe_steps} steps of one seed")
     print(f"organism training speed, scale={args.scale}, torch threads={args.threads} ({mode})")
-    print(f"{'stage':14s} {'tokens/s':>10s} {'s/step':>8s} {'steps':>6s} {'train min':>10s}")
+    print(f"{'stage':14s} {'tokens/s':>10s} {'s/step':>8s} {'steps':>6s} {'min/seed':>9s} "
+          f"{'seeds':>6s} {'total min':>10s}")
     for r in rows:
+        n = 1 if r["stage"] == "base" else args.seeds
         print(f"{r['stage']:14s} {r['tokens_per_s']:10.0f} {r['s_per_step']:8.3f} {r['steps']:6d} "
-              f"{r['train_minutes']:10.2f}")
+              f"{r['train_minutes']:9.2f} {n:6d} {r['train_minutes'] * n:10.2f}")
+    for label, key in (("one seed (base + every variant)", "one_seed_minutes"),
+                       (f"{args.seeds} seeds, base shared (quick studies: base seed 0)", "shared_base_minutes"),
+                       (f"{args.seeds} seeds, a base per seed (paper studies)", "own_base_minutes")):
+        print(f"{label:52s} {totals[key]:8.2f} min")
     if args.json:
-        print(json.dumps({"scale": args.scale, "threads": args.threads, "mode": mode, "rows": rows}))
+        print(json.dumps({"scale": args.scale, "threads": args.threads, "mode": mode,
+                          "seeds": args.seeds, "rows": rows, "totals": totals}))
 
 
-def _row(stage: str, training: dict, full_steps: int, wall: float | None) -> dict:
-    s_per_step = training["seconds"] / training["steps"]
+def _row(stage: str, trainings: list[dict], full_steps: int, wall: float | None) -> dict:
+    """One stage: mean over its trained seeds of tokens/s and seconds per step."""
+    seconds = sum(t["seconds"] for t in trainings)
+    steps = sum(t["steps"] for t in trainings)
+    s_per_step = seconds / steps
     return {
         "stage": stage,
-        "tokens_per_s": training["tokens_per_s"] if "tokens_per_s" in training else training["tokens"] / training["seconds"],
+        "tokens_per_s": sum(t["tokens"] for t in trainings) / seconds,
         "s_per_step": s_per_step,
         "steps": full_steps,
         "train_minutes": s_per_step * full_steps / 60,
+        "seeds_trained": len(trainings),
         "wall_s": wall,
     }
+
+
+def _totals(rows: list[dict], n_seeds: int) -> dict:
+    """Minutes to train base + every variant: one seed; n seeds sharing one base; n bases."""
+    base = sum(r["train_minutes"] for r in rows if r["stage"] == "base")
+    per_seed = sum(r["train_minutes"] for r in rows if r["stage"] != "base")
+    return {"one_seed_minutes": base + per_seed,
+            "shared_base_minutes": base + n_seeds * per_seed,
+            "own_base_minutes": n_seeds * (base + per_seed)}
 
 
 if __name__ == "__main__":
