@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/safetylab reproduce --scale quick
 
-test: $(STAMP)
+# tests/test_browser.py opens reports in headless Chromium: Debian's package, installed
+# where we may (root with apt-get); elsewhere that test skips, except under CI=true.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 # The CPU benchmarks; benchmarks/gpu_* need a GPU machine (README, Development).
