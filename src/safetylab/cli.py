@@ -99,6 +99,19 @@ def describe_cmd(
         return
     console.print(f"[bold]{s.name}[/bold]: {s.claim.statement}")
     console.print(f"decisive metric: {s.claim.metric} ({s.claim.direction} than {s.claim.threshold:g})")
+    c = s.claim.contrast
+    if c is not None:
+        arms = ", ".join(c.treatment) + (f" vs {', '.join(c.control)}" if c.control else "")
+        console.print(f"primary contrast: {arms}; {c.measure}; unit of replication: {c.unit}"
+                      + ("; Holm-corrected over the treatments" if c.multiplicity == "holm" else ""))
+        console.print(f"threshold: {s.claim.threshold:g} ({c.threshold_reason})")
+    for ctl in s.claim.controls:
+        must = "must show" if ctl.kind == "positive" else "must not show"
+        console.print(f"{ctl.kind} control '{ctl.name}' ({', '.join(ctl.arms)}): {must} {ctl.measure} above "
+                      f"{ctl.threshold:g} -- {ctl.reason}")
+    if s.calibration is not None:
+        console.print(f"calibrated with 'safetylab calibrate {s.name}': null {s.calibration.null_effect:g}, "
+                      f"declared power {s.calibration.power:.0%} at {s.calibration.alternative_effect:g}")
     table = Table(title=f"config keys ({scale.value} scale) — set with --set key=value or --config FILE.yaml")
     for col in ("key", "type", "default", "meaning"):
         table.add_column(col, overflow="fold")
