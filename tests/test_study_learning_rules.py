@@ -96,20 +96,42 @@ def test_tiny_run_analysis_is_recomputable_from_stored_activations(tiny_run, tmp
         snap = res[key]["matched"] or res[key]["final"]
         return decode_array(snap["hidden"][layer])
 
+    def d(a, b, layer):
+        return 1 - linear_cka(acts(a, layer), acts(b, layer))
+
+    # primary: disjoint replicate pairs, every term across two inits, both order indices
+    units = []
+    for i, j in lr.seed_pairs(list(range(config.seeds))):
+        per = []
+        for k, r1 in enumerate(config.rules):
+            for r2 in config.rules[k + 1:]:
+                for layer in (0, 1):
+                    for o in ("a", "b"):
+                        cross = (d((r1, i, o), (r2, j, o), layer) + d((r1, j, o), (r2, i, o), layer)) / 2
+                        restart = (d((r1, i, o), (r1, j, o), layer) + d((r2, i, o), (r2, j, o), layer)) / 2
+                        per.append(np.log(cross / restart))
+        units.append(np.mean(per))
+    assert m["similarity/rule_restart_ratio"] == pytest.approx(float(np.exp(np.mean(units))))
+    assert STUDY.claim.metric == "similarity/rule_restart_ratio"
+    assert analysis.verdict.n == config.seeds // 2 and analysis.verdict.threshold == 2.0
+    # secondary (reported, not decided on): the same-init ratio, per replicate
     logs = []
     for s in range(config.seeds):
         per = []
-        for i, r1 in enumerate(config.rules):
-            for r2 in config.rules[i + 1:]:
+        for k, r1 in enumerate(config.rules):
+            for r2 in config.rules[k + 1:]:
                 for layer in (0, 1):
-                    d = lambda a, b: 1 - linear_cka(acts(a, layer), acts(b, layer))  # noqa: E731
-                    within = (d((r1, s, "a"), (r1, s, "b")) + d((r2, s, "a"), (r2, s, "b"))) / 2
-                    per.append(np.log(d((r1, s, "a"), (r2, s, "a")) / within))
+                    within = (d((r1, s, "a"), (r1, s, "b"), layer) + d((r2, s, "a"), (r2, s, "b"), layer)) / 2
+                    per.append(np.log(d((r1, s, "a"), (r2, s, "a"), layer) / within))
         logs.append(np.mean(per))
-    assert m["similarity/cross_within_ratio"] == pytest.approx(float(np.exp(np.mean(logs))))
-    assert analysis.verdict.n == config.seeds and analysis.verdict.threshold == 2.0
+    assert m["secondary/same_init_ratio"] == pytest.approx(float(np.exp(np.mean(logs))))
+    assert m["secondary/same_init_ratio_n"] == config.seeds and "secondary/mixed_init_ratio" in m
+    ratios = next(t for t in analysis.tables if t.title.startswith("The primary ratio and the secondary"))
+    assert [r[0] for r in ratios.rows] == ["primary: rules vs restarts (the verdict)", "secondary: same-init baseline",
+                                           "secondary: mixed baseline"]
+    assert any("Secondary, not the verdict" in f for f in analysis.findings)
     assert [c.name for c in analysis.controls] == [c.name for c in STUDY.claim.controls]
-    assert analysis.contrast and "replicates" in analysis.contrast
+    assert analysis.contrast and "disjoint replicate pairs" in analysis.contrast
     figs = STUDY.plots(config, records, analysis, tmp_path)
     assert {f.path for f in figs} == {"ratio_per_pair.png", "accuracy.png", "similarity_heatmaps.png"}
 
@@ -126,13 +148,14 @@ def test_backprop_under_other_names_does_not_hold(tmp_path, monkeypatch):
 
     monkeypatch.setitem(RULES, "feedback_alignment", renamed(101))
     monkeypatch.setitem(RULES, "evolution_strategies", renamed(202))
-    config = STUDY.resolve_config("quick", {**TINY, "seeds": 3, "rules": ("backprop", "feedback_alignment",
+    config = STUDY.resolve_config("quick", {**TINY, "seeds": 4, "rules": ("backprop", "feedback_alignment",
                                                                           "evolution_strategies")})
     _, records = _run(config, tmp_path)
     analysis = STUDY.analyze(config, records)
+    assert analysis.verdict.n == 2  # replicate pairs (0, 1), (2, 3)
     assert analysis.verdict.verdict is not Verdict.HOLDS
     assert analysis.verdict.contrast_verdict is not Verdict.HOLDS
-    assert analysis.verdict.estimate < 2.0
+    assert analysis.verdict.estimate < 1.5  # restarts of one rule: about 1
 
 
 # --------------------------------------------------------------------------- decision rule
@@ -157,6 +180,17 @@ def test_no_rule_effect_never_holds_and_a_large_one_does():
     assert all(c.status == "pass" for c in big.controls)
 
 
+def test_units_are_disjoint_replicate_pairs_and_an_odd_one_is_left_out():
+    assert lr.seed_pairs([0, 1, 2, 3, 4]) == [(0, 1), (2, 3)]
+    config = STUDY.resolve_config("quick", {**STUDY.calibration.overrides, "seeds": 5})
+    out = STUDY.analyze(config, STUDY.simulate(config, 1.0, np.random.default_rng(0)))
+    assert out.verdict.n == 2 and out.metrics["replicate_pairs"] == [[0, 1], [2, 3]]
+    assert out.metrics["secondary/same_init_ratio_n"] == 5
+    assert any("Replicate 4 has no partner" in f for f in out.findings)
+    lo, hi = out.metrics["control/backprop_twin_ratio"][1:]
+    assert lo < 1.0 < hi or abs(out.metrics["control/backprop_twin_ratio"][0] - 1) < 0.05  # a restart: about 1
+
+
 def test_controls_can_fail():
     config = STUDY.resolve_config("quick", STUDY.calibration.overrides)
     records = STUDY.simulate(config, 10.0, np.random.default_rng(0))
@@ -168,11 +202,11 @@ def test_controls_can_fail():
     out = STUDY.analyze(config, records)
     assert out.controls[0].status == "fail" and out.verdict.verdict is Verdict.INCONCLUSIVE
     assert "backprop twin" in out.verdict.reason
-    # positive: when a rule's two data orders share nothing, nothing can look radically different
+    # positive: when restarts of a rule share nothing, nothing can look radically different
     records = STUDY.simulate(config, 10.0, np.random.default_rng(0))
     rng = np.random.default_rng(1)
     for r in records:
-        if r["params"]["order"] == "b":
+        if r["params"]["arm"] != "init":
             for snap in ("final", "matched"):
                 r["result"][snap]["hidden"] = [encode_array(rng.normal(size=decode_array(h).shape))
                                                for h in r["result"][snap]["hidden"]]
@@ -314,4 +348,6 @@ def test_scales_resolve():
     paper, quick = STUDY.resolve_config("paper"), STUDY.resolve_config("quick")
     assert paper.hidden_sizes == (256, 128) and paper.seeds >= 10 and paper.data == "auto"
     assert paper.rules == lr.ESSAY_RULES and paper.extensions == lr.EXTENSION_RULES
-    assert quick.seeds >= 5 and quick.data == "digits" and quick.extensions == ()
+    assert quick.data == "digits" and quick.extensions == ()
+    # the verdict's units are disjoint replicate pairs: at least 4 at quick scale, 5 at paper scale
+    assert len(lr.seed_pairs(list(range(quick.seeds)))) >= 4 and len(lr.seed_pairs(list(range(paper.seeds)))) >= 5
