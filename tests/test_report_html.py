@@ -84,3 +84,38 @@ def test_combined_report_reads_well(combined) -> None:
     imgs = re.findall(r"<img [^>]*>", page)
     assert imgs and all(re.search(r"alt='[^']+'", i) for i in imgs)
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
+
+
+@pytest.mark.parametrize("study", ["early-exit", "shield"])
+def test_reports_open_with_verdict_then_controls_then_the_primary_contrast(study, tmp_path) -> None:
+    """The verdict protocol's reading order, in report.md and report.html alike; a failed or
+    missing control is named in the verdict line itself."""
+    run = simulated_run(study, tmp_path / "run")
+    md = (run / "report.md").read_text()
+    order = [md.index("**Verdict:**"), md.index("## Controls"), md.index("## Primary contrast"),
+             md.index("## Threat model"), md.index("## Results")]
+    assert order == sorted(order), order
+    assert "Unit of replication" in md and "| pass |" in md
+    page = (run / "report.html").read_text()
+    body = page[page.index("</nav>"):]  # past the section links
+    order = [body.index("class='verdict'"), body.index(">Controls</h"), body.index(">Primary contrast</h"),
+             body.index("Threat model</h")]
+    assert order == sorted(order), order
+
+
+def test_a_missing_control_is_named_in_the_verdict_line(tmp_path) -> None:
+    run = simulated_run("early-exit", tmp_path / "run")
+    import json
+
+    from safetylab.report import render_run
+
+    # Drop the positive control's units from the results log: the control is 'not run'.
+    log = run / "results.jsonl"
+    lines = [ln for ln in log.read_text().splitlines() if '"model=sft-late/' not in ln]
+    log.write_text("\n".join(lines) + "\n")
+    summary = render_run(run)
+    assert summary["verdict"]["verdict"] == "inconclusive"
+    assert "control not run: sft-late loses safety" in summary["verdict"]["reason"]
+    md = (run / "report.md").read_text()
+    assert "**INCONCLUSIVE** (control not run: sft-late loses safety)" in md
+    assert json.loads((run / "summary.json").read_text())["controls"][1]["status"] == "not run"
