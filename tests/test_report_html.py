@@ -115,7 +115,7 @@ def test_a_missing_control_is_named_in_the_verdict_line(tmp_path) -> None:
     log.write_text("\n".join(lines) + "\n")
     summary = render_run(run)
     assert summary["verdict"]["verdict"] == "inconclusive"
-    assert "control not run: sft-late loses safety" in summary["verdict"]["reason"]
+    assert "control not run: sft-late loses refusal" in summary["verdict"]["reason"]
     md = (run / "report.md").read_text()
-    assert "**INCONCLUSIVE** (control not run: sft-late loses safety)" in md
+    assert "**INCONCLUSIVE** (control not run: sft-late loses refusal)" in md
     assert json.loads((run / "summary.json").read_text())["controls"][1]["status"] == "not run"

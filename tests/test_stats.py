@@ -122,3 +122,17 @@ def test_holm_and_one_sided_p():
     p = t_pvalue_greater(0.3, 0.1, 10, 0.1)
     assert p == pytest.approx(stats.t.sf(2.0, 10))
     assert math.isnan(t_pvalue_greater(0.3, 0.0, 10, 0.1))
+
+
+def test_seeds_identical_by_construction_leave_the_clusters_to_set_the_interval():
+    """Three seeds fine-tuned from one base that give the same outputs carry no seed variance:
+    the interval is the hazard clusters' (df = clusters - 1), not t(2)'s."""
+    rng = np.random.default_rng(3)
+    one = (rng.random(18 * 5) < np.repeat(rng.random(18), 5)).astype(float)
+    y = np.tile(one, 3)
+    seeds = np.repeat(np.arange(3), one.size)
+    clusters = np.tile(np.repeat(np.arange(18), 5), 3)
+    r = clustered_mean_interval(y, seeds=seeds, clusters=clusters)
+    single = clustered_mean_interval(one, clusters=np.repeat(np.arange(18), 5))
+    assert r["df"] == 17 and "agree exactly" in r["method"]
+    assert (r["lo"], r["hi"]) == pytest.approx((single["lo"], single["hi"]))

@@ -178,9 +178,13 @@ def clustered_mean_interval(
         var = float(y.var(ddof=1) / n) if n > 1 else math.nan
         df = n - 1
         method = f"Student t over {n} independent units"
-    elif len(parts) == 1:
-        var, df = parts[0], dfs[0]
-        method = f"cluster-robust (CR1) t over {names[0]}, df {df}"
+    elif len(parts) == 1 or parts[0] <= 1e-30:
+        # One grouping -- or seeds whose means agree exactly (e.g. seeds fine-tuned from one base
+        # that give the same outputs by construction): the seeds then carry no variance of their
+        # own, and the clusters alone set the interval.
+        var, df = parts[-1], dfs[-1]
+        method = f"cluster-robust (CR1) t over {names[-1]}, df {df}" + (
+            f" (the {names[0]} agree exactly)" if len(parts) == 2 else "")
     else:
         both = np.char.add(np.char.add(np.asarray(seeds).astype(str), "\x1f"), np.asarray(clusters).astype(str))
         v_b, _ = _cluster_var(e, both, n)
