@@ -171,6 +171,7 @@ class _LogLines:
         self._lock = threading.Lock()
         self._last_line = 0.0
         self._ticker: threading.Thread | None = None  # alive while a stage is open, and briefly after
+        self._wake = threading.Event()  # a new stage wakes a sleeping ticker (its interval may differ)
 
     def _write(self, text: str, stream: Any) -> None:
         # Called with the lock held. Plain text, no wrapping: a log line stays one line.
@@ -188,6 +189,8 @@ class _LogLines:
             if self._ticker is None:
                 self._ticker = threading.Thread(target=self._tick, name="safetylab-progress", daemon=True)
                 self._ticker.start()
+            else:
+                self._wake.set()
 
         def advance(n: float = 1) -> None:
             stage.completed += n
@@ -207,7 +210,8 @@ class _LogLines:
     def _tick(self) -> None:
         while True:
             # Wake often enough to keep to the interval, rarely enough to cost nothing.
-            time.sleep(min(5.0, LOG_INTERVAL_S / 4))
+            self._wake.wait(min(5.0, LOG_INTERVAL_S / 4))
+            self._wake.clear()
             with self._lock:
                 if not self._stages:
                     self._ticker = None  # under the lock: the next stage starts a new one
