@@ -201,6 +201,8 @@ def clustered_mean_interval(
         se, df = se_floor, max(df, n - 1)
         method += "; standard error at its binomial floor"
     est_, lo, hi = t_interval(est, se, df, confidence, bounds=bounds)
+    if bounds is not None:
+        method += f"; clipped to [{bounds[0]:g}, {bounds[1]:g}]"
     out.update(estimate=est_, lo=lo, hi=hi, se=se, df=df, n_seeds=g_s, n_clusters=g_c, method=method)
     return out
 

@@ -636,7 +636,7 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
         verdict = VerdictRecord.from_interval(
             CLAIM, est, lo, hi, n=n, controls=controls,
             interval_method=(f"Student t over {n} seeds paired by index (per-seed differences of {m}-episode "
-                             "rates; standard error floored by the episodes' binomial error)"),
+                             "rates; standard error floored by the episodes' binomial error; clipped to [-1, 1])"),
         )
         sa = success[(TREATMENT, "deterministic", "shielded")][ia].mean()
         sc = success[(CONTROL_ARM, "deterministic", "unshielded")][ib].mean()
