@@ -202,6 +202,9 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
             # At lr 1e-3 dpo, depth-robust and eval-gated forgot 3.3-4.0 points of benign
             # accuracy (sequence operations first); at 5e-4 they stay within 1.7 points.
             "dpo": {"batch_size": 24, "lr": 5e-4},
+            # sft at lr 1e-3 forgot 3.0-6.0 points of benign accuracy over seeds 0-4 (eval seed 11;
+            # the bar is 3); at 5e-4 it keeps within 0.3-1.3 points, refusal 1.00, over-refusal 0.
+            "sft": {"lr": 5e-4},
             "depth-robust": {"lr": 5e-4},
             # Telling evaluation cues apart is harder than refusing a topic.
             "eval-gated": {"steps": 450, "lr": 5e-4},
