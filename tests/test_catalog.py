@@ -4,26 +4,13 @@ bad folders as one line."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from report_fixtures import simulated_run
 from safetylab.catalog import list_runs
-from safetylab.cli import main
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["safetylab", *args]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            main()
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+from cli_fixtures import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,13 @@ from safetylab.study import Study, StudyConfig
 MAX_FALSE_HOLDS = 0.05
 
 
+def check_calibratable(study: Study) -> None:
+    """Raise UserError (one line, exit 2) when ``study`` ships no simulator."""
+    if study.simulate is None or study.calibration is None:
+        raise UserError(f"study '{study.name}' has no simulator, so its decision rule cannot be calibrated; "
+                        f"add simulate= and calibration= to its STUDY (see safetylab.study)")
+
+
 def calibrate(study: Study, n: int = 400, *, seed: int = 0, progress: Any = None) -> dict[str, Any]:
     """Run ``study.analyze`` on ``n`` simulated runs at the null and ``n`` at the alternative.
 
@@ -47,9 +54,7 @@ def calibrate(study: Study, n: int = 400, *, seed: int = 0, progress: Any = None
     Raises:
         UserError: the study has no simulator.
     """
-    if study.simulate is None or study.calibration is None:
-        raise UserError(f"study '{study.name}' has no simulator, so its decision rule cannot be calibrated; "
-                        f"add simulate= and calibration= to its STUDY (see safetylab.study)")
+    check_calibratable(study)
     if n < 1:
         raise UserError(f"--n {n}: need at least 1 simulated run per effect (400 or more for a 5% rate)")
     cal = study.calibration

@@ -364,14 +364,12 @@ def calibrate_cmd(
     """How often a study's own analysis says "holds" on simulated data: at the null
     (true effect on the threshold; must be <= 5%) and at its declared alternative (power).
     Exit code 1 when the rule is not calibrated."""
-    from safetylab.calibrate import calibrate
+    from safetylab.calibrate import calibrate, check_calibratable
     from safetylab.progress import bar
     from safetylab.studies import get_study
 
     st = get_study(study)
-    if st.simulate is None or st.calibration is None:
-        raise UserError(f"study '{study}' has no simulator, so its decision rule cannot be calibrated; "
-                        f"add simulate= and calibration= to its STUDY (see safetylab.study)")
+    check_calibratable(st)  # before the progress bar, so bad input stays one line
     with bar(f"calibrating {study}", 2 * n, quiet=quiet or as_json) as advance:
         res = calibrate(st, n, seed=seed, progress=advance)
     if as_json:
