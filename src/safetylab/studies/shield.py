@@ -54,7 +54,6 @@ from safetylab.claims import (
     Control,
     ControlResult,
     ThreatModel,
-    Verdict,
     VerdictRecord,
     control_not_run,
     judge_control,
