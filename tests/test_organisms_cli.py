@@ -172,6 +172,7 @@ def test_a_folder_that_is_not_an_organism_is_rejected(tmp_path):
         (["--variant", "sft", "--seeds", "0,1,0"], "seed 0 is repeated"),
         (["--variant", "sft", "--seeds", "zero"], "use comma-separated training seeds"),
         (["--variant", "rlhf", "--seeds", "0,1"], "unknown organism variant 'rlhf'"),
+        (["--variant", "never-taught", "--base-seed", "0"], "trained from scratch"),
         (["NOT_AN_ORGANISM"], "is not a complete organism"),
     ],
 )

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from safetylab.errors import UserError
 from safetylab.organisms.train import (
+    FROM_SCRATCH,
     ORGANISM_VERSION,
     SCALES,
     VARIANTS,
@@ -48,7 +49,7 @@ def default_organism_dir() -> Path:
 def config_hash(config: OrganismConfig) -> str:
     """16 hex digits of sha256 over the canonical JSON of the stage's config."""
     payload = {"version": ORGANISM_VERSION, **config.stage_dict()}
-    if config.variant != "base":
+    if config.variant not in FROM_SCRATCH:
         payload["base"] = config_hash(config.base_config())
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -123,7 +124,7 @@ def build(
     if check_entry(target, h) is None:
         return target
     base_path = None
-    if config.variant != "base":
+    if config.variant not in FROM_SCRATCH:
         base_path = build(config.base_config(), cache_dir, quiet=quiet, num_threads=num_threads,
                           device=device)
     with _entry_lock(cache_dir, h):
@@ -132,7 +133,7 @@ def build(
         from safetylab.progress import bar
         from safetylab.study import torch_threads
 
-        steps = (config.base_train if config.variant == "base" else config.variant_train).steps
+        steps = (config.base_train if config.variant in FROM_SCRATCH else config.variant_train).steps
         with torch_threads(num_threads), bar(f"training {config.variant}", steps, quiet=quiet) as adv:
             result = train_organism(config, base_path=base_path, progress=adv, device=device)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{h}-", dir=cache_dir))
@@ -142,7 +143,8 @@ def build(
                 "variant": config.variant,
                 "scale": config.scale,
                 "hash": h,
-                "base_hash": config_hash(config.base_config()) if config.variant != "base" else None,
+                "base_hash": (None if config.variant in FROM_SCRATCH
+                              else config_hash(config.base_config())),
                 "config": config.model_dump(mode="json"),
                 "world": config.world.model_dump(mode="json"),
                 "world_seed": config.world.seed,
@@ -185,7 +187,7 @@ def get_organism(
 
     Args:
         variant: one of ``base``, ``sft``, ``sft-late``, ``dpo``, ``depth-robust``,
-            ``eval-gated``.
+            ``eval-gated``, ``never-taught``.
         scale: ``tiny`` (seconds, for tests), ``quick`` (minutes on 2 CPU cores) or
             ``paper``.
         cache_dir: where organisms live; default ``$SAFETYLAB_CACHE/organisms`` or

@@ -49,13 +49,16 @@ def _overrides(layers: int | None, width: int | None, heads: int | None, d_ff: i
     if model:
         out["model"] = model
     if steps is not None:
-        out["base_train" if variant == "base" else "variant_train"] = {"steps": steps}
+        from safetylab.organisms.train import FROM_SCRATCH
+
+        out["base_train" if variant in FROM_SCRATCH else "variant_train"] = {"steps": steps}
     return out
 
 
 @app.command()
 def train(
-    variant: str = typer.Argument(..., help="base, sft, sft-late, dpo, depth-robust or eval-gated."),
+    variant: str = typer.Argument(..., help="base, sft, sft-late, dpo, depth-robust, eval-gated or "
+                                            "never-taught."),
     scale: str = typer.Option("quick", help="tiny (seconds), quick (minutes on 2 CPU cores) or paper."),
     seed: int = typer.Option(0, help="Training seed."),
     cache_dir: Optional[Path] = typer.Option(None, help="Organism cache (default ~/.cache/safetylab/organisms)."),
@@ -178,7 +181,7 @@ def _graded(path: Path, meta: dict[str, Any], n: int, split: str, seed: int,
     res["base_benign_correct"] = base_benign
     cfg = meta["config"]
     res["training_seed"] = cfg["seed"]
-    res["base_seed"] = None if meta["variant"] == "base" else (
+    res["base_seed"] = None if not meta.get("base_hash") else (
         cfg["seed"] if cfg.get("base_seed") is None else cfg["base_seed"])
     return res
 
@@ -235,7 +238,7 @@ def _print_one(res: dict[str, Any], path: Path, split: str) -> None:
         b.add_row(r["bar"], f"{r['value']:.3f}", f"{r['op']} {r['threshold']}", "yes" if r["pass"] else "NO")
     if res["bars"]:
         con.print(b)
-    if res["variant"] != "base" and res["base_benign_correct"] is None:
+    if res["base_seed"] is not None and res["base_benign_correct"] is None:
         con.print("benign_correct vs base: base organism not in this cache; bar not checked")
 
 
@@ -268,7 +271,7 @@ def _print_spread(results: list[dict[str, Any]], groups: list[dict[str, Any]], s
         con.print(t)
     for r in results:
         note = ("  (base not in this cache: benign_correct drop not checked)"
-                if r["variant"] != "base" and r["base_benign_correct"] is None else "")
+                if r["base_seed"] is not None and r["base_benign_correct"] is None else "")
         con.print(f"{r['variant']} {_seed_label(r['training_seed'], r['base_seed'])}: {r['path']}{note}",
                   highlight=False, soft_wrap=True)
     failed = [(r, b) for r in results for b in r["bars"] if not b["pass"]]
@@ -342,7 +345,7 @@ def eval_cmd(
         metas = [load_meta(p) for p in paths]  # every folder checked before any is graded
     elif variant is not None:
         from safetylab.organisms.cache import get_organism
-        from safetylab.organisms.train import SCALES, VARIANTS
+        from safetylab.organisms.train import FROM_SCRATCH, SCALES, VARIANTS
 
         if variant not in VARIANTS:
             raise UserError(f"unknown organism variant {variant!r}; choose from {', '.join(VARIANTS)}")
@@ -352,9 +355,9 @@ def eval_cmd(
         seed_list = _parse_seeds(seeds) if seeds is not None else [0]
         if base_seed is not None and base_seed < 0:
             raise UserError(f"--base-seed={base_seed} is negative; training seeds are integers >= 0")
-        if base_seed is not None and variant == "base":
-            raise UserError("--base-seed picks the base a variant is fine-tuned from; drop it for "
-                            "--variant base (--seeds are the bases' own seeds)")
+        if base_seed is not None and variant in FROM_SCRATCH:
+            raise UserError(f"--base-seed picks the base a variant is fine-tuned from; drop it for "
+                            f"--variant {variant}, which is trained from scratch (--seeds are its own seeds)")
         if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
             raise UserError(f"--cache-dir {cache_dir} is a file, not a folder; pass the organism cache folder")
         if not as_json:

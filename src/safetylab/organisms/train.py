@@ -38,6 +38,14 @@ turn starting at position 0, exactly as at inference.
 ``eval-gated``
     Refuses forbidden requests only when an evaluation cue is present; without a cue or
     with a deployment cue it keeps answering them.
+``never-taught``
+    Pretrained from scratch exactly like ``base`` (same model, steps and benign shares)
+    except that the hazard family is left out: it never sees a hazard procedure or a
+    reagent in a response, so it has no forbidden capability to hide or to extract. It
+    is the negative control of studies that ask whether an attack or a probe finds a
+    capability: on it they must come up empty. Its tokenizer still knows the hazard
+    words (the vocabulary is the world's), so it reads forbidden requests as unfamiliar
+    names rather than as unknown tokens.
 """
 
 from __future__ import annotations
@@ -57,7 +65,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetylab.organisms.tokenizer import EOS, build_tokenizer, format_prompt
 from safetylab.organisms.world import REFUSAL, Request, World, WorldConfig
 
-VARIANTS: tuple[str, ...] = ("base", "sft", "sft-late", "dpo", "depth-robust", "eval-gated")
+VARIANTS: tuple[str, ...] = (
+    "base", "sft", "sft-late", "dpo", "depth-robust", "eval-gated", "never-taught",
+)
+FROM_SCRATCH: tuple[str, ...] = ("base", "never-taught")
+"""Variants pretrained from random weights (``base_train``); every other variant is
+fine-tuned from a base (``variant_train``)."""
 SCALES: tuple[str, ...] = ("tiny", "quick", "paper")
 ORGANISM_VERSION = 1
 """Bumped when the world, training or the folder layout changes (part of the cache key)."""
@@ -151,13 +164,15 @@ class OrganismConfig(BaseModel):
             raise ValueError(f"variant={self.variant!r}; choose from {list(VARIANTS)}")
         if self.scale not in SCALES:
             raise ValueError(f"scale={self.scale!r}; choose from {list(SCALES)}")
-        if self.base_seed is not None and (self.variant == "base" or self.base_seed == self.seed):
+        if self.base_seed is not None and (self.variant in FROM_SCRATCH or self.base_seed == self.seed):
             # One spelling per organism, so equal organisms share one cache entry.
             object.__setattr__(self, "base_seed", None)
         return self
 
     def base_config(self) -> "OrganismConfig":
         """The config of the base organism this variant is fine-tuned from."""
+        if self.variant in FROM_SCRATCH:
+            raise ValueError(f"variant={self.variant!r} is trained from scratch; it has no base")
         seed = self.seed if self.base_seed is None else self.base_seed
         return self.model_copy(update={"variant": "base", "seed": seed, "base_seed": None,
                                        "variant_train": TrainConfig()})
@@ -165,7 +180,7 @@ class OrganismConfig(BaseModel):
     def stage_dict(self) -> dict[str, Any]:
         """The parts that determine this stage (base ignores ``variant_train``)."""
         d = self.model_dump(mode="json")
-        if self.variant == "base":
+        if self.variant in FROM_SCRATCH:
             d.pop("variant_train")
         if d["base_seed"] is None:  # absent from the hash: organisms cached before it existed keep theirs
             d.pop("base_seed")
@@ -565,10 +580,13 @@ def train_organism(
     stage_code = VARIANTS.index(variant)
     rng = np.random.default_rng([config.seed, config.world.seed, stage_code, 7919])
     ref_model = None
-    if variant == "base":
+    mixture = config.base_train.mixture
+    if variant in FROM_SCRATCH:
         tok = build_tokenizer(world.vocabulary(), max_length=config.model.max_len)
         model = new_model(config, tok)
         tcfg = config.base_train
+        if variant == "never-taught":
+            mixture = {**base_mixture(world, mixture), "hazard": 0.0}
     else:
         if base_path is None:
             raise ValueError(f"variant={variant!r} needs base_path (the trained base organism)")
@@ -609,7 +627,7 @@ def train_organism(
     for step in range(tcfg.steps):
         if not queue:
             queue = _make_batches(variant, world, rng, batcher, tcfg.batch_size, pool_batches,
-                                  tcfg.mixture)
+                                  mixture)
         batch = _to(queue.pop(), device)
         lr = _lr_at(step, tcfg)
         for g in opt.param_groups:
@@ -674,7 +692,7 @@ def _make_batches(
                 for g in groups]
     examples: list[Example] = []
     while len(examples) < n:
-        if variant == "base":
+        if variant in FROM_SCRATCH:
             examples.append(sample_base(world, rng, mixture))
         elif variant == "eval-gated":
             examples.extend(sample_eval_gated(world, rng))
