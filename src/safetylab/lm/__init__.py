@@ -1,5 +1,6 @@
 """Any causal LM: loading, decoder-layer discovery, early-exit truncation, batched
-generation, first-token readouts, refusal judges and prompt sets.
+generation, first-token readouts, residual-stream reading and steering hooks, refusal
+judges and prompt sets.
 
 >>> from safetylab.lm import load_causal_lm, truncated, generate_at_depths
 >>> lm = load_causal_lm("path/to/organism-or-hf-folder")
@@ -18,6 +19,7 @@ from safetylab.lm.generate import (
     greedy_generate,
     pad_id,
 )
+from safetylab.lm.hooks import check_layers, check_strength, direction_ablation, read_residual, residual_edit, steering
 from safetylab.lm.judges import REFUSAL_PHRASES, ClassifierJudge, KeywordJudge, make_judge
 from safetylab.lm.layers import DecoderStack, find_decoder_stack, readout_logits
 from safetylab.lm.load import LoadedLM, load_causal_lm, source_kind
@@ -38,4 +40,5 @@ __all__ = [
     "first_token_readout", "generate_at_depths", "generate_confident", "greedy_generate",
     "identity_patched", "load_causal_lm", "load_prompts", "make_judge", "pad_id", "readout_logits",
     "softmax_response", "source_kind", "truncated",
+    "check_layers", "check_strength", "direction_ablation", "read_residual", "residual_edit", "steering",
 ]
