@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned: the constraints file keeps every later resolve on this build.
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	# nanoGCG, the reference GCG the tests compare against, pins transformers<=4.47.1 but runs
+	# with ours (safetylab.attacks.reference): installed without its dependencies.
+	$(BIN)/python -m pip install --quiet --no-deps nanogcg==0.3.0
 	touch $(STAMP)
 
 setup: $(STAMP)

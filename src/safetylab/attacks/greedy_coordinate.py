@@ -1,0 +1,288 @@
+"""Greedy coordinate gradient (GCG): an adversarial suffix that makes chat models begin a target response.
+
+Zou, Wang, Carlini, Nasr, Kolter & Fredrikson (2023), "Universal and Transferable
+Adversarial Attacks on Aligned Language Models", Algorithm 1 (one prompt) and 2 (universal,
+several prompts and models); the reference implementation used for comparison is nanoGCG
+0.3.0 (GraySwanAI), whose defaults and buffer semantics are kept.
+
+One step, for a suffix ``x`` of L tokens and objective ``J(x)`` = mean over prompts and
+models of the target cross-entropy:
+
+1. **Gradient**: ``J`` is differentiated w.r.t. the one-hot matrix ``e_x`` (L x V) by running
+   the model on ``e_x @ W_embed``; ``-grad[i, v]`` ranks how much swapping position i to token
+   v is expected to lower the loss (a first-order estimate).
+2. **Candidates**: ``search_width`` copies of ``x``, each with ``n_replace`` random positions
+   set to one of the ``topk`` best tokens there; tokens that are special, non-printable or
+   not self-encoding are never proposed, and a candidate whose text does not re-encode to
+   its ids is dropped (the "filter for tokens that do not round-trip"). Duplicates are scored once.
+3. **Exact scoring**: every candidate's loss in batched forward passes that start from the
+   prompt prefix's KV cache (computed once per prompt) and produce logits only where the
+   target is predicted.
+4. **Buffer**: the best candidate enters a buffer of the ``buffer_size`` best suffixes seen
+   (0: nanoGCG's default, the step's best replaces the current suffix), and the next step
+   starts from the buffer's best.
+
+Options: early stop once greedy decoding emits every target exactly (every prompt, every
+model); the adaptive attack against perplexity filters adds ``perplexity_weight`` x the
+suffix's mean negative log-likelihood under the first model (Jain et al. 2023, "Baseline
+Defenses for Adversarial Attacks Against Aligned Language Models", section 4.1, adaptive
+attack; computed in the same forward passes).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from safetylab.attacks.target import ChatTarget, PromptParts
+from safetylab.errors import UserError
+
+
+@dataclass(frozen=True)
+class GCGConfig:
+    """GCG settings. Defaults are the paper's (Zou et al. 2023: 20-token suffix of ``!``,
+    top-k 256, 512 candidates per step, 500 steps) with nanoGCG's one-token swaps."""
+
+    n_steps: int = 500
+    """Optimisation steps at most."""
+    suffix_length: int = 20
+    """Tokens in the suffix (used when ``suffix_init`` is None)."""
+    suffix_init: str | None = None
+    """Initial suffix text (None: ``suffix_length`` copies of ``!``, or of the first allowed token)."""
+    search_width: int = 512
+    """Candidate suffixes scored per step."""
+    topk: int = 256
+    """Tokens per position the candidates are drawn from (by gradient rank)."""
+    n_replace: int = 1
+    """Positions changed per candidate."""
+    buffer_size: int = 0
+    """Best suffixes kept; 0 = the step's best candidate always replaces the current suffix (nanoGCG)."""
+    batch_size: int | None = None
+    """Candidates per forward pass (None: the whole search width at once)."""
+    early_stop: bool = False
+    """Stop once greedy decoding emits every target exactly for the best candidate."""
+    stop_loss: float | None = None
+    """Also stop once the objective falls below this."""
+    perplexity_weight: float = 0.0
+    """Weight of the suffix's mean NLL under the first model (0: the plain, non-adaptive GCG)."""
+    allow_non_ascii: bool = False
+    """Allow tokens whose text is not printable ASCII."""
+    filter_ids: bool = True
+    """Drop candidates whose decoded text does not re-encode to the same ids."""
+    seed: int = 0
+    """Seed of the candidate sampling."""
+
+    def check(self) -> None:
+        """Raise :class:`UserError` (one line, naming the fix) on settings GCG cannot run."""
+        if self.suffix_init is None and self.suffix_length < 1:
+            raise UserError(f"suffix_length={self.suffix_length}: a suffix needs at least one token; use 1 or more "
+                            "(the paper uses 20)")
+        if self.suffix_init is not None and not self.suffix_init.strip():
+            raise UserError("suffix_init is empty: a suffix needs at least one token; give some text or leave it unset")
+        for name in ("n_steps", "search_width", "topk", "n_replace"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)}: the attack budget must be at least 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"batch_size={self.batch_size}: use a positive number of candidates per pass, or None")
+        if self.buffer_size < 0 or self.perplexity_weight < 0:
+            raise UserError("buffer_size and perplexity_weight must be >= 0")
+
+
+@dataclass
+class GCGResult:
+    """What one GCG run found, with its trace (JSON types only)."""
+
+    suffix_ids: list[int]
+    """The best suffix found (lowest objective over all steps)."""
+    suffix: str
+    """Its text (decodes and re-encodes to ``suffix_ids`` when ``filter_ids`` is on)."""
+    best_loss: float
+    """Objective of the best suffix (mean target cross-entropy + perplexity term)."""
+    losses: list[float]
+    """Objective of each step's best candidate."""
+    n_steps: int
+    """Steps run (fewer than configured after an early stop)."""
+    early_stopped: bool
+    success: bool
+    """Greedy decoding emits every target exactly after the best suffix (every prompt, every model)."""
+    model_calls: int
+    """Forward passes (gradient passes count one each, candidate batches one each, prefixes one each)."""
+    sequences_scored: int
+    """Candidate sequences evaluated (search width x prompts x models, less filtered and duplicate ones)."""
+    wall_seconds: float
+    seconds_per_step: float
+    suffix_nll: float | None = None
+    """Mean NLL of the best suffix under the first model (when the perplexity term is on)."""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_targets(models: ChatTarget | Sequence[ChatTarget]) -> list[ChatTarget]:
+    targets = [models] if isinstance(models, ChatTarget) else list(models)
+    if not targets:
+        raise UserError("gcg needs at least one model")
+    vocab = targets[0].tokenizer.get_vocab()
+    for t in targets[1:]:
+        if t.tokenizer.get_vocab() != vocab:
+            raise UserError(f"ensemble GCG needs models with one tokenizer; {targets[0].name} and {t.name} differ "
+                            "(optimise on each separately and transfer the text instead)")
+    return targets
+
+
+def sample_candidates(suffix: torch.Tensor, grad: torch.Tensor, allowed: torch.Tensor, search_width: int, topk: int,
+                      n_replace: int, generator: torch.Generator) -> torch.Tensor:
+    """Candidate suffixes from the gradient (Zou et al. 2023, Algorithm 1, lines 3-7).
+
+    Args:
+        suffix: (L,) current suffix ids.
+        grad: (L, V) gradient w.r.t. the one-hot suffix.
+        allowed: (n_allowed,) ids that may be proposed.
+        search_width, topk, n_replace: see :class:`GCGConfig`.
+        generator: torch random generator.
+
+    Returns:
+        (search_width, L) candidate ids, each differing from ``suffix`` in ``n_replace`` positions.
+    """
+    length = suffix.numel()
+    masked = torch.full_like(grad, math.inf)
+    masked[:, allowed] = grad[:, allowed]
+    k = min(topk, allowed.numel())
+    top = (-masked).topk(k, dim=1).indices  # (L, k)
+    pos = torch.argsort(torch.rand(search_width, length, generator=generator), dim=1)[:, :n_replace]  # (W, r)
+    pick = torch.randint(0, k, (search_width, n_replace), generator=generator)
+    vals = top[pos, pick]  # (W, r)
+    return suffix.repeat(search_width, 1).scatter_(1, pos, vals)
+
+
+def gcg(
+    models: ChatTarget | Sequence[ChatTarget],
+    requests: Sequence[str],
+    targets: Sequence[str],
+    config: GCGConfig = GCGConfig(),
+) -> GCGResult:
+    """Optimise one suffix for every (model, request) pair: single, universal or ensemble GCG.
+
+    Args:
+        models: one :class:`ChatTarget`, or several sharing a tokenizer (ensemble objective).
+        requests: user messages; the suffix is appended to each after a space.
+        targets: the response each request should begin with (one per request).
+        config: :class:`GCGConfig`.
+
+    Returns:
+        :class:`GCGResult` with the best suffix, the loss trace and the cost.
+
+    Raises:
+        UserError: empty inputs, a bad budget or suffix length, a target the tokenizer cannot
+            encode, a model without a chat template, or an ensemble whose tokenizers differ.
+    """
+    config.check()
+    if not requests or len(requests) != len(targets):
+        raise UserError(f"gcg needs one target per request (got {len(requests)} requests, {len(targets)} targets)")
+    start = time.perf_counter()
+    models = _as_targets(models)
+    first = models[0]
+    gen = torch.Generator().manual_seed(config.seed)
+    allowed = first.allowed_ids(config.allow_non_ascii)
+    if allowed.numel() == 0:
+        raise UserError(f"{first.name}: no token can be used in a suffix (all special or not self-encoding)")
+    if config.suffix_init is not None:
+        suffix = torch.tensor(first.encode_suffix(config.suffix_init), dtype=torch.long)
+        if suffix.numel() == 0:
+            raise UserError("suffix_init encodes to no tokens; give some text or leave it unset")
+    else:
+        bang = first.tokenizer("!", add_special_tokens=False)["input_ids"]
+        tok = bang[0] if len(bang) == 1 and bang[0] in set(allowed.tolist()) else int(allowed[0])
+        suffix = torch.full((config.suffix_length,), tok, dtype=torch.long)
+
+    # Prompt spans and prefix caches: one forward per (model, prompt), reused every step.
+    jobs: list[tuple[ChatTarget, PromptParts, Any, torch.Tensor, bool]] = []
+    calls = 0
+    for m_i, m in enumerate(models):
+        for req, tgt in zip(requests, targets):
+            parts = m.parts(req, tgt)
+            kv, last = m.prefix_cache(parts)
+            calls += 1
+            jobs.append((m, parts, kv, last, m_i == 0))
+    pw = config.perplexity_weight
+    n_jobs = len(jobs)
+
+    def score(cands: torch.Tensor, base: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        nonlocal calls
+        total = torch.zeros(cands.shape[0])
+        exact = torch.ones(cands.shape[0], dtype=torch.bool)
+        nll_sum, n_first = torch.zeros(cands.shape[0]), 0
+        for m, parts, kv, last, is_first in jobs:
+            loss, ex, nll, n_calls = m.candidate_losses(parts, kv, last, cands, batch_size=config.batch_size,
+                                                        suffix_nll=bool(pw) and is_first, base=base)
+            calls += n_calls
+            total += loss
+            exact &= ex
+            if nll is not None:
+                nll_sum += nll
+                n_first += 1
+        nll_mean = nll_sum / n_first if n_first else None
+        obj = total / n_jobs + (pw * nll_mean if nll_mean is not None else 0.0)
+        return obj, exact, nll_mean
+
+    init_obj, init_exact, init_nll = score(suffix[None])
+    buffer: list[tuple[float, torch.Tensor, bool, float | None]] = [
+        (float(init_obj[0]), suffix, bool(init_exact[0]), None if init_nll is None else float(init_nll[0]))]
+    best = buffer[0]
+    losses: list[float] = []
+    scored = 1
+    early = False
+    steps = 0
+    for steps in range(1, config.n_steps + 1):
+        current = buffer[0][1]
+        grad = torch.zeros(current.numel(), first.embedding.weight.shape[0])
+        for m, parts, kv, last, is_first in jobs:
+            g, _ = m.suffix_gradient(parts, kv, last, current, pw if is_first else 0.0)
+            calls += 1
+            g = g.float().cpu()
+            grad += g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # each prompt weighs equally (Zou et al., Alg. 2)
+        cands = sample_candidates(current, grad, allowed, config.search_width, config.topk, config.n_replace, gen)
+        if config.filter_ids:
+            ok = torch.ones(cands.shape[0], dtype=torch.bool)
+            for m in models:
+                ok &= m.roundtrips(cands)
+            cands = cands[ok]
+        cands = torch.unique(cands, dim=0)
+        if cands.shape[0] == 0:
+            raise UserError(f"{first.name}: no candidate suffix survives the round-trip filter; set filter_ids=False "
+                            "or start from another suffix_init")
+        obj, exact, nll = score(cands, current)
+        scored += cands.shape[0] * n_jobs
+        i = int(obj.argmin())
+        entry = (float(obj[i]), cands[i].clone(), bool(exact[i]), None if nll is None else float(nll[i]))
+        losses.append(entry[0])
+        if entry[0] < best[0]:
+            best = entry
+        if config.buffer_size == 0:
+            buffer = [entry]
+        elif len(buffer) < config.buffer_size or entry[0] < buffer[-1][0]:
+            buffer = sorted(buffer + [entry], key=lambda e: e[0])[: config.buffer_size]
+        if (config.early_stop and entry[2]) or (config.stop_loss is not None and entry[0] < config.stop_loss):
+            early = True
+            break
+    wall = time.perf_counter() - start
+    ids = [int(x) for x in best[1]]
+    return GCGResult(
+        suffix_ids=ids, suffix=first.decode(ids), best_loss=best[0], losses=losses, n_steps=steps,
+        early_stopped=early, success=best[2], model_calls=calls, sequences_scored=scored, wall_seconds=wall,
+        seconds_per_step=wall / max(steps, 1), suffix_nll=best[3], config=asdict(config))
+
+
+def random_suffix(target: ChatTarget, length: int, rng: np.random.Generator, allow_non_ascii: bool = False) -> list[int]:
+    """A uniformly random suffix of allowed tokens (the random-suffix baseline)."""
+    if length < 1:
+        raise UserError(f"suffix length={length}: a suffix needs at least one token")
+    allowed = target.allowed_ids(allow_non_ascii).numpy()
+    return [int(x) for x in rng.choice(allowed, size=length)]
