@@ -57,7 +57,7 @@ def linear_probe(C: float = 1.0, max_iter: int = 500) -> Pipeline:
 
 
 def _check(x: np.ndarray, y: np.ndarray, ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    x, y = np.asarray(x), np.asarray(y)
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y)  # float32 probabilities trip log_loss's sum check
     if x.ndim != ndim:
         shape = "(n_samples, n_layers, d_model)" if ndim == 3 else "(n_samples, d_model)"
         raise ValueError(f"activations must be {shape}, got shape {x.shape}")
