@@ -17,6 +17,8 @@ REGISTRY: dict[str, str] = {
     "learning-rules": "safetylab.studies.learning_rules",
     "similarity-blindness": "safetylab.studies.similarity_blindness",
     "early-exit": "safetylab.studies.early_exit",
+    "eval-awareness": "safetylab.studies.eval_awareness",
+    "rare-failure": "safetylab.studies.rare_failure",
 }
 
 
