@@ -245,6 +245,28 @@ def test_variant_trains_its_base_first(tmp_path):
                              "never-taught"}
 
 
+def test_build_many_trains_bases_then_variants_in_a_pool_once(tmp_path):
+    from safetylab.organisms.cache import OrganismRequest, build_many
+
+    micro = {**MICRO, "variant_train": {"steps": 2, "batch_size": 4}}
+    # Wave 1 (a pool of two): the base and never-taught; wave 2: sft, from that base.
+    reqs = [OrganismRequest("sft", "tiny", overrides=micro),
+            OrganismRequest("never-taught", "tiny", overrides=micro)]
+    reqs.append(reqs[0])
+    paths = build_many(reqs, tmp_path, workers=2)
+    assert paths[0] == paths[2]  # one entry per organism, however often it is asked for
+    # Each folder is what get_organism would find: the same key, a complete entry.
+    for r, p in zip(reqs, paths):
+        assert p == get_organism(r.variant, "tiny", cache_dir=tmp_path, seed=r.seed,
+                                 base_seed=r.base_seed, overrides=micro)
+        assert check_entry(p, p.name) is None
+    got = sorted((r["variant"], r["seed"]) for r in list_organisms(tmp_path))
+    assert got == [("base", 0), ("never-taught", 0), ("sft", 0)]
+    stamp = {p: (p / "model.safetensors").stat().st_mtime_ns for p in paths}
+    build_many(reqs, tmp_path, workers=2)  # all cached: nothing is retrained
+    assert stamp == {p: (p / "model.safetensors").stat().st_mtime_ns for p in paths}
+
+
 def test_default_cache_dir_follows_safetylab_cache(tmp_path, monkeypatch):
     from safetylab.organisms.cache import default_organism_dir
 

@@ -227,6 +227,15 @@ def reproduce_cmd(
         names = [n for n in names if n in chosen]
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory (it is created if missing)")
+    from safetylab.runs import build_organisms, resolve_config
+    from safetylab.studies import get_study
+    from safetylab.study import default_cache_dir
+
+    # Every study's organisms first, in one pool: studies share them through the cache,
+    # and small organisms train faster side by side than one after another.
+    chosen_studies = [get_study(n) for n in names]
+    build_organisms([(st, resolve_config(st, scale=scale.value, seed=seed)) for st in chosen_studies],
+                    cache_dir or default_cache_dir(), quiet=quiet, device=device)
     run_dirs, failed = [], []
     for name in names:
         if not quiet:

@@ -239,6 +239,20 @@ def plan_run_dir(out: Path, study: str) -> Path:
 # --------------------------------------------------------------------------- the run loop
 
 
+def build_organisms(
+    studies: list[tuple[Study, StudyConfig]], cache_dir: Path, *, quiet: bool = True, device: str = "cpu"
+) -> None:
+    """Train the organisms these (study, config) pairs declare and the cache lacks, several at
+    a time (``safetylab reproduce`` passes every study, so they share one pool and one cache)."""
+    from safetylab.organisms.cache import build_many
+
+    requests = [r for study, config in studies if study.organisms is not None
+                for r in study.organisms(config)]
+    if requests:
+        build_many(requests, Path(cache_dir) / "organisms", quiet=quiet, device=device)
+
+
+
 def run_study(
     name: str,
     *,
@@ -293,6 +307,8 @@ def run_study(
         run_dir=run_dir, seed=config.seed, cache_dir=cache_dir, device=device,
         quiet=quiet, in_process=(workers == 1 and executor == "local"),
     )
+    if study.organisms is not None and todo:
+        build_organisms([(study, config)], cache_dir, quiet=quiet, device=device)
     if study.prepare is not None and todo:
         # Before config.yaml/env.json exist: bad input found here (a model path, a data
         # file) leaves nothing behind, and a long preparation (training organisms into

@@ -4,6 +4,10 @@ A study module (``safetylab/studies/<name>.py``) reads top to bottom: ``Config``
 ``CLAIM``, ``THREAT_MODEL``, helpers, then the four functions the runner calls,
 and ends with ``STUDY = Study(...)``:
 
+``organisms(config) -> list[OrganismRequest]``
+    Optional. The model organisms the study will load. The runner trains the missing
+    ones before ``prepare`` -- several at a time, and for ``safetylab reproduce`` those of
+    every study at once -- so that studies share organisms through the cache.
 ``prepare(config, ctx)``
     Optional. Runs once in the main process before any unit: builds shared,
     cached inputs (e.g. trains organisms) so that parallel units never race on them.
@@ -173,6 +177,8 @@ class Study:
     analyze: Callable[[Any, list[dict[str, Any]]], Analysis]
     plots: Callable[[Any, list[dict[str, Any]], Analysis, Path], list[Figure]] | None = None
     prepare: Callable[[Any, Context], None] | None = None
+    organisms: Callable[[Any], list[Any]] | None = None
+    """The organisms (:class:`safetylab.organisms.cache.OrganismRequest`) a config loads."""
     simulate: Callable[[Any, float, Any], list[dict[str, Any]]] | None = None
     """Records under a chosen true effect, for ``safetylab calibrate`` (see the module docstring)."""
     calibration: Calibration | None = None

@@ -343,6 +343,15 @@ def _prompt_set(config: Config, model_name: str, organism_path: Path | None, see
 
 
 # --------------------------------------------------------------------------- the study
+def organisms(config: Config) -> list[Any]:
+    """Every organism (variant x training seed) the units load."""
+    from safetylab.organisms.cache import OrganismRequest
+
+    return [OrganismRequest(m, config.organism_scale, seed=s,
+                            base_seed=config.organism_seed if config.shared_base else None)
+            for m in config.models if m in ORGANISM_VARIANTS for s in config.seeds_of(m)]
+
+
 def prepare(config: Config, ctx: Context) -> None:
     """Train/cache every organism (every seed) once, and check real models' depths, before any unit runs."""
     for unit in units(config):
@@ -1072,6 +1081,7 @@ STUDY = Study(
     analyze=analyze,
     plots=plots,
     prepare=prepare,
+    organisms=organisms,
     simulate=simulate,
     calibration=Calibration(
         null_effect=THRESHOLD, alternative_effect=0.5, power=0.8,
