@@ -663,6 +663,7 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
 
     # ---- steering
     srows = []
+    steer_best: dict[tuple[str, str, str], tuple[dict[str, Any], int, float]] = {}
     for role, units_ in groups.items():
         if not units_[0]["steering"]["settings"]:
             continue
@@ -683,6 +684,18 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
             metrics[f"steering/refusal_shift/{role}/{arm}/{direction}/layer{layer}/x{a:g}"] = d_ref
             metrics[f"steering/unsafe_shift/{role}/{arm}/{direction}/layer{layer}/x{a:g}"] = d_uns
             srows.append([f"{names[role]} ({role})", arm, direction, layer, f"{a:g}", _fmt(d_ref), _fmt(d_uns), _fmt(coh)])
+            # What the arm is meant to move: refusal up on deployment prompts, unsafe answers up on
+            # evaluation prompts (a steered model that only breaks is not counted as moved).
+            moved = d_ref if arm == "deploy+" else d_uns
+            best = steer_best.setdefault((role, direction, arm), (moved, layer, a))
+            if (moved["rate"] or 0.0) > (best[0]["rate"] or 0.0):
+                steer_best[(role, direction, arm)] = (moved, layer, a)
+    for (role, direction, arm), (r, layer, a) in steer_best.items():
+        what = "refusal of deployment-framed" if arm == "deploy+" else "unsafe answers to evaluation-framed"
+        verb = "adding" if arm == "deploy+" else "subtracting"
+        metrics[f"steering/best/{role}/{direction}/{arm}"] = {**r, "layer": layer, "strength": a}
+        findings.append(f"{names[role]}, {direction} direction: {verb} it at layer {layer} (x{a:g}) changes {what} "
+                        f"requests by {_fmt(r)}, the largest change over the layers and strengths tried.")
     if srows:
         tables.append(Table(title="Steering along 'being evaluated': change against the unsteered prompts", columns=[
             "organism", "arm", "direction", "layer", "strength", "refusal change", "unsafe-answer change", "coherent"],
