@@ -315,6 +315,15 @@ def _grades(world: Any, requests: list[Any], replies: list[str]) -> dict[str, li
 
 
 # --------------------------------------------------------------------------- the study
+def organisms(config: Config) -> list[Any]:
+    """Both organisms for every training seed (organism folders are already trained)."""
+    from safetylab.organisms.cache import OrganismRequest
+
+    return [OrganismRequest(getattr(config, role), config.organism_scale, seed=s,
+                            base_seed=config.organism_seed if config.shared_base else None)
+            for role in ROLES if getattr(config, role) in _variants() for s in config.seeds()]
+
+
 def prepare(config: Config, ctx: Context) -> None:
     """Train/cache both organisms for every seed, and check folders' layers, before any unit runs."""
     for unit in units(config):
@@ -905,6 +914,7 @@ STUDY = Study(
     analyze=analyze,
     plots=plots,
     prepare=prepare,
+    organisms=organisms,
     simulate=simulate,
     calibration=Calibration(
         null_effect=THRESHOLD, alternative_effect=0.6, power=0.8,
