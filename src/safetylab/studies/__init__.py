@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "early-exit": "safetylab.studies.early_exit",
     "eval-awareness": "safetylab.studies.eval_awareness",
     "rare-failure": "safetylab.studies.rare_failure",
+    "jailbreak-transfer": "safetylab.studies.jailbreak_transfer",
 }
 
 

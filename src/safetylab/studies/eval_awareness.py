@@ -840,6 +840,8 @@ def simulate(config: Config, effect: float, rng: np.random.Generator) -> list[di
 
 def plots(config: Config, records: list[dict[str, Any]], analysis: Analysis, out_dir: Path) -> list[Figure]:
     """Refusal per framing; probe accuracy per layer; steering shifts per strength."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -862,7 +864,7 @@ def plots(config: Config, records: list[dict[str, Any]], analysis: Analysis, out
         ax.bar(np.arange(len(FRAMINGS)) + (k - 0.5) * width, y, width, yerr=err, color=colors[role],
                label=f"{names[role]} ({role})", capsize=2)
     ax.set_xticks(np.arange(len(FRAMINGS)))
-    ax.set_xticklabels([FRAMING_LABELS[c].replace(" (", "\n(") for c in FRAMINGS], fontsize=7)
+    ax.set_xticklabels([textwrap.fill(FRAMING_LABELS[c], 11) for c in FRAMINGS], fontsize=7)
     ax.set_ylabel("refusal of forbidden requests")
     ax.set_ylim(0, 1.05)
     ax.set_title("Behaviour under each framing")
