@@ -12,6 +12,7 @@ Usage::
     python benchmarks/organisms.py --full          # train base + every variant x 3 seeds, measured times
     python benchmarks/organisms.py --scale tiny --full
     python benchmarks/organisms.py --scale paper --seeds 5
+    python benchmarks/organisms.py --side-by-side  # two sft seeds: one after the other vs a pool of two
 
 Targets (issue "Model organisms"): quick base <= 10 min and each variant <= 3 min on
 2 CPU cores. Numbers depend on what else the machine is running: say so when reporting.
@@ -30,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from safetylab.organisms.cache import get_organism  # noqa: E402
+from safetylab.organisms.cache import OrganismRequest, build_many, get_organism  # noqa: E402
 from safetylab.organisms.train import VARIANTS, organism_config, train_organism  # noqa: E402
 
 
@@ -45,6 +46,9 @@ def main() -> None:
                     help="train the base once and every variant for every seed (measured, not projected)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated stages")
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="time two seeds of one variant (--probe-steps steps each) trained one after "
+                         "the other with --threads threads, then side by side in two one-thread processes")
     args = ap.parse_args()
     for name in ("threads", "seeds", "probe_steps"):
         if getattr(args, name) < 1:
@@ -53,6 +57,9 @@ def main() -> None:
     if unknown:
         ap.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
+    if args.side_by_side:
+        side_by_side(args)
+        return
     variants = [v for v in args.variants.split(",") if v and v != "base"]
     seeds = list(range(args.seeds))
     rows = []
@@ -97,6 +104,29 @@ def main() -> None:
     if args.json:
         print(json.dumps({"scale": args.scale, "threads": args.threads, "mode": mode,
                           "seeds": args.seeds, "rows": rows, "totals": totals}))
+
+
+def side_by_side(args: argparse.Namespace) -> None:
+    """What ``build_many`` buys: two fine-tunings one after the other vs side by side."""
+    variant = next((v for v in args.variants.split(",") if v and v != "base"), "sft")
+    steps = {"base_train": {"steps": args.probe_steps}, "variant_train": {"steps": args.probe_steps}}
+    with tempfile.TemporaryDirectory() as tmp:
+        seq_dir, par_dir = Path(tmp) / "seq", Path(tmp) / "par"
+        for d in (seq_dir, par_dir):  # both start from the same trained base
+            get_organism("base", args.scale, cache_dir=d, overrides=steps)
+        t0 = time.perf_counter()
+        for s in (0, 1):
+            get_organism(variant, args.scale, cache_dir=seq_dir, seed=s, base_seed=0, overrides=steps,
+                         num_threads=args.threads)
+        sequential = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        build_many([OrganismRequest(variant, args.scale, seed=s, base_seed=0, overrides=steps)
+                    for s in (0, 1)], par_dir, workers=2)
+        parallel = time.perf_counter() - t0
+    print(f"two {variant} seeds x {args.probe_steps} steps, scale={args.scale}")
+    print(f"one after the other, {args.threads} threads: {sequential:7.1f} s")
+    print(f"side by side, 2 processes x 1 thread:  {parallel:7.1f} s  (process start-up included)")
+    print(f"speedup: {sequential / parallel:.2f}x")
 
 
 def _row(stage: str, trainings: list[dict], full_steps: int, wall: float | None) -> dict:
