@@ -60,3 +60,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def run_tiny_study(study, overrides: dict, tmp: Path):
+    """``(config, ctx, records, analysis)`` of ``study`` at quick scale with ``overrides``, on this
+    session's tiny organisms: prepare, every unit in order, then the analysis (one torch thread)."""
+    import json
+
+    from safetylab.study import Context, torch_threads
+
+    (tmp / "cache").mkdir()
+    (tmp / "cache" / "organisms").symlink_to(tiny_cache_dir(), target_is_directory=True)
+    with torch_threads(1):
+        config = study.resolve_config("quick", overrides)
+        ctx = Context(run_dir=tmp, seed=0, cache_dir=tmp / "cache")
+        study.prepare(config, ctx)
+        records = []
+        for unit in study.units(config):
+            result = study.run_unit(config, unit, ctx)
+            records.append({"key": unit.key, "params": unit.params, "result": json.loads(json.dumps(result))})
+    return config, ctx, records, study.analyze(config, records)

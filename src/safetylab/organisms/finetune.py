@@ -298,7 +298,7 @@ def finetune(
         delta = after - before
         norm = float(delta.norm())
         if mitigation.max_step_norm is not None and norm > mitigation.max_step_norm:
-            torch.nn.utils.vector_to_parameters(before + delta * (mitigation.max_step_norm / norm), params)
+            set_flat(model, before + delta * (mitigation.max_step_norm / norm))
             norm = mitigation.max_step_norm
         step_norms.append(norm)
         losses.append(float(loss.detach()))
@@ -311,9 +311,20 @@ def finetune(
 
 
 def set_flat(model: Any, vector: torch.Tensor) -> None:
-    """Write a flat parameter vector into ``model`` (all parameters, in ``parameters()`` order)."""
+    """Copy a flat parameter vector into ``model`` (all parameters, in ``parameters()`` order).
+
+    Copies, unlike ``torch.nn.utils.vector_to_parameters``, which makes the parameters views of
+    ``vector`` (training would then write into the caller's vector)."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    if total != vector.numel():
+        raise ValueError(f"vector has {vector.numel()} entries but the model has {total} parameters")
+    i = 0
     with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(vector, list(model.parameters()))
+        for p in params:
+            n = p.numel()
+            p.copy_(vector[i: i + n].view_as(p))
+            i += n
 
 
 def get_flat(model: Any) -> torch.Tensor:

@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "eval-awareness": "safetylab.studies.eval_awareness",
     "rare-failure": "safetylab.studies.rare_failure",
     "jailbreak-transfer": "safetylab.studies.jailbreak_transfer",
+    "stability": "safetylab.studies.stability",
 }
 
 
