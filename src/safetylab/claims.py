@@ -28,15 +28,44 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Access = Literal["black-box", "white-box", "weights", "none"]
 """How far an adversary reaches into the system: queries only, activations and
 gradients, or the weights themselves (can fine-tune). ``none`` = no adversary."""
 
 ACCESS_LEVELS: tuple[str, ...] = ("none", "black-box", "white-box", "weights")
+
+# The essay's taxonomy ("The AI Threat Landscape"): who uses the system, who attacks it, and
+# what is protected. One piece of evidence may speak to several values on each axis; it covers
+# every combination of the values it names (a cell of the user x adversary x asset grid).
+
+UserPopulation = Literal["public", "enterprise", "experts"]
+"""Who uses the system: the general public (naive, careless and adversarial requests mixed),
+enterprise / internal users (benign, behind a system prompt), knowledgeable experts (hard,
+technical requests)."""
+USER_POPULATIONS: tuple[str, ...] = ("public", "enterprise", "experts")
+
+AdversaryTier = Literal["none", "casual", "sophisticated"]
+"""Who attacks it: nobody (accidents and honest mistakes), casual users (jailbreaking for fun,
+social engineering, retries), or sophisticated, resourced attackers (optimised attacks,
+gradients, fine-tuning when the weights are exposed)."""
+ADVERSARY_TIERS: tuple[str, ...] = ("none", "casual", "sophisticated")
+
+Asset = Literal["users", "model", "society", "future"]
+"""What is protected; see :data:`ASSET_LABELS`."""
+ASSETS: tuple[str, ...] = ("users", "model", "society", "future")
+ASSET_LABELS: dict[str, str] = {
+    "users": "users from the model",
+    "model": "the model from users (extraction, manipulation, prompt injection)",
+    "society": "society from the system",
+    "future": "the future from the present",
+}
+
+Cell = tuple[str, str, str]
+"""One cell of the grid: (user population, adversary tier, asset)."""
 
 
 class Verdict(str, Enum):
@@ -140,6 +169,51 @@ class ThreatModel(BaseModel):
     """What is protected (e.g. 'refusal of hazardous procedures')."""
     out_of_scope: tuple[str, ...] = ()
     """What this evidence says nothing about."""
+    users: tuple[UserPopulation, ...] = ()
+    """User populations the evidence speaks to (empty: not placed in the taxonomy)."""
+    tiers: tuple[AdversaryTier, ...] = ()
+    """Adversary tiers the evidence speaks to (empty: not placed)."""
+    assets: tuple[Asset, ...] = ()
+    """Protected assets the evidence speaks to (empty: not placed)."""
+
+    @field_validator("users", "tiers", "assets", mode="after")
+    @classmethod
+    def _canonical(cls, values: tuple[str, ...], info: Any) -> tuple[str, ...]:
+        # One spelling per set of cells: the taxonomy's order, no repeats.
+        order = {"users": USER_POPULATIONS, "tiers": ADVERSARY_TIERS, "assets": ASSETS}[info.field_name]
+        return tuple(v for v in order if v in values)
+
+    @model_validator(mode="after")
+    def _check_taxonomy(self) -> "ThreatModel":
+        named = [bool(self.users), bool(self.tiers), bool(self.assets)]
+        if any(named) and not all(named):
+            missing = [k for k, n in zip(("users", "tiers", "assets"), named) if not n]
+            raise ValueError(f"threat model names some taxonomy axes but not {', '.join(missing)}; "
+                             "a cell needs a user population, an adversary tier and an asset")
+        if self.access == "none" and set(self.tiers) - {"none"}:
+            raise ValueError(f"access='none' (no adversary) but tiers={list(self.tiers)}; an adversary tier "
+                             "other than 'none' needs black-box, white-box or weights access")
+        return self
+
+    @property
+    def placed(self) -> bool:
+        """Whether the threat model names its cells (old run folders' models do not)."""
+        return bool(self.users)
+
+    def cells(self) -> list[Cell]:
+        """Every (user, tier, asset) cell the evidence speaks to, in the grid's order."""
+        return [(u, t, a) for a in self.assets for u in self.users for t in self.tiers]
+
+    def narrow(self, *, users: Sequence[str] | None = None, tiers: Sequence[str] | None = None,
+               assets: Sequence[str] | None = None) -> "ThreatModel":
+        """The same threat model restricted to what one run's config actually measured
+        (``None``: that axis unchanged). Values outside the declared ones are dropped: a run
+        never covers more than its study declares."""
+        update: dict[str, tuple[str, ...]] = {}
+        for name, keep in (("users", users), ("tiers", tiers), ("assets", assets)):
+            if keep is not None:
+                update[name] = tuple(v for v in getattr(self, name) if v in set(keep))
+        return self.model_copy(update=update)
 
 
 ControlStatus = Literal["pass", "fail", "not run"]

@@ -255,6 +255,9 @@ THREAT_MODEL = ThreatModel(
     access="none",
     budget="0 queries beyond the request itself",
     protected="refusal of requests for hazardous procedures",
+    users=("public",),
+    tiers=("none",),
+    assets=("society",),
     out_of_scope=(
         "adversaries who pick the exit depth or craft inputs that trigger early exit",
         "speculative decoding, where the full model verifies every early-exit token",

@@ -214,6 +214,9 @@ THREAT_MODEL = ThreatModel(
     access="white-box",
     budget="the auditor's: behavioural queries, honeypots, activations and steering hooks on the weights it serves",
     protected="refusal of requests for hazardous procedures in deployment",
+    users=("public",),
+    tiers=("none",),  # no human attacker: the model games its own evaluation
+    assets=("society", "future"),
     out_of_scope=(
         "models that learnt eval awareness on their own rather than by fine-tuning on explicit cues",
         "cues a model infers from the distribution of evaluation prompts rather than from framing words",

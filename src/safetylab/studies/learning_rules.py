@@ -248,6 +248,9 @@ THREAT_MODEL = ThreatModel(
     access="none",
     budget="n/a",
     protected="the validity of representation-level safety tools across training methods",
+    users=("enterprise",),
+    tiers=("none",),
+    assets=("future",),
     out_of_scope=("large models", "architectures other than MLPs", "rules beyond the ones listed",
                   "similarity measures other than the verdict measure (reported, not decided on)"),
 )

@@ -305,6 +305,9 @@ THREAT_MODEL = ThreatModel(
     access="none",
     budget="0 (no adversary)",
     protected="never entering a hazard zone",
+    users=("enterprise",),
+    tiers=("none",),
+    assets=("users",),
     out_of_scope=(
         "adversarial perturbations of observations or actions",
         "shields that are never removed",

@@ -242,6 +242,9 @@ THREAT_MODEL = ThreatModel(
     access="weights",
     budget="full control of the training data of the supplied model; the recipe (architecture, epochs) is fixed",
     protected="the conclusion 'this model computes what the reference computes'",
+    users=("enterprise",),
+    tiers=("sophisticated",),
+    assets=("users",),
     out_of_scope=(
         "backdoors planted by weight editing or smaller poison fractions than configured",
         "layers other than the last hidden layer",
