@@ -733,6 +733,17 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
                                 "GCG's budget is its model calls. B x p: expected accidental failures in as many natural "
                                 "tries."))
 
+    # Where the accident mass sits: how few pool requests carry half of it.
+    for o in orgs:
+        q = np.sort(np.asarray(o["population"].get("q_sampled") or [], dtype=float))[::-1]
+        if q.size and q.sum() > 0:
+            k_half = int(np.searchsorted(np.cumsum(q) / q.sum(), 0.5) + 1)
+            metrics[f"accident/requests_with_half_the_mass/seed={o['seed']}"] = k_half
+            findings.append(
+                f"{o['variant']} seed {o['seed']}: {k_half} of {q.size} natural requests carry half the failure "
+                f"probability at T={config.temperature:g} (exact p = {q.mean():.3g}); a sampler that cannot find them "
+                "(splitting's kernel has no path between requests) is only as good as its luck.")
+
     # Retries.
     ret_rows = []
     for o in orgs:
