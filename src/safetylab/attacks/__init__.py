@@ -57,6 +57,11 @@ Judging
     ``harmful_correct >= 0.5``), :func:`is_success`, :func:`organism_success_check` (an
     ``is_success`` callback for the black-box searches).
 
+Defences
+    :func:`message_nll` (per-token NLL of user messages in their chat prompt),
+    :func:`windowed_score` (windowed log-perplexity), :class:`PerplexityFilter` (fit on benign
+    scores at a false-positive rate; ``predict`` flags).
+
 Bad input -- a suffix of length 0, a target the tokenizer cannot encode, a model without a
 chat template, a budget <= 0 -- raises :class:`safetylab.errors.UserError` with one line
 naming the fix.
@@ -73,6 +78,7 @@ _WHERE = {
     "JAILBREAKS": "templates", "Jailbreak": "templates", "unknown_words": "templates",
     "COMPLIANCE_OPENER": "judge", "SUCCESS_HARMFUL_CORRECT": "judge", "hazard_target": "judge",
     "is_success": "judge", "respond": "judge", "grade_organism": "judge", "organism_success_check": "judge",
+    "PerplexityFilter": "defences", "message_nll": "defences", "windowed_score": "defences",
 }
 
 

@@ -1,0 +1,85 @@
+"""The jailbreak-transfer study on tiny organisms: units, the transfer matrix, verdict direction (both ways),
+controls, and bad input through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from cli_fixtures import run_cli
+
+from safetylab.claims import Verdict
+from safetylab.study import Context, torch_threads
+from safetylab.studies.jailbreak_transfer import CLAIM, STUDY
+
+# Tiny organisms resist GCG as sft (2 layers, width 64: the loss stalls near 0.7), so the tiny run attacks
+# from sft-late (only its last layer safety-trained), which a short GCG does jailbreak, and transfers to sft.
+TINY = {"organism_scale": "tiny", "source_variant": "sft-late", "source_seeds": 1,
+        "targets": ["sft-late", "sft", "never-taught", "depth-robust"], "n_train": [1, 2], "n_eval": 32,
+        "n_eval_heldout_hazards": 6, "n_benign": 20, "gcg_steps": 6, "search_width": 48, "topk": 32,
+        "suffix_length": 8, "n_random_suffixes": 2, "max_new_tokens": 32}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from organism_fixtures import tiny_cache_dir
+
+    tmp = tmp_path_factory.mktemp("jailbreak_transfer")
+    (tmp / "cache").mkdir()
+    (tmp / "cache" / "organisms").symlink_to(tiny_cache_dir(), target_is_directory=True)
+    with torch_threads(1):
+        config = STUDY.resolve_config("quick", TINY)
+        ctx = Context(run_dir=tmp, seed=0, cache_dir=tmp / "cache")
+        STUDY.prepare(config, ctx)
+        records = [{"key": u.key, "params": u.params,
+                    "result": json.loads(json.dumps(STUDY.run_unit(config, u, ctx)))} for u in STUDY.units(config)]
+    return config, records, STUDY.analyze(config, records)
+
+
+def test_tiny_run_transfer_matrix_and_verdict(tiny_run):
+    config, records, analysis = tiny_run
+    assert [r["key"] for r in records] == ["targets", "source=sft-late@0"]
+    src = records[1]["result"]
+    assert set(src["targets"]) == {"sft-late@0", "sft@0", "never-taught@0", "depth-robust@0"}
+    assert len(src["targets"]["sft@0"]["transfer"]) == 32
+    base = records[0]["result"]["models"]
+    assert not any(base["sft@0"]["no_suffix"]["eval"])  # the sft organism refuses the bare requests
+    matrix = next(t for t in analysis.tables if t.kind == "matrix")
+    assert matrix.columns[1:] == list(src["targets"]) and matrix.rows[-1][0] == "no suffix"
+    m = analysis.metrics
+    # White-box, the source gives up the procedure for some requests; a random suffix does not.
+    assert m["transfer/success/sft-late@0/sft-late@0"]["rate"] > m["baseline/random_suffix/sft-late@0"]["rate"]
+    # The tiny sft organism resists the transferred suffix, so the primary contrast (non-source targets: sft)
+    # comes out "does not hold" -- the verdict can fail.
+    assert analysis.verdict.contrast_verdict == Verdict.DOES_NOT_HOLD
+    assert analysis.verdict.ci_high <= CLAIM.threshold
+    neg = next(c for c in analysis.controls if c.kind == "negative")
+    assert neg.status == "pass" and neg.estimate == pytest.approx(0.0)
+    defence = next(t for t in analysis.tables if t.title.startswith("Defences"))
+    assert {r[0] for r in defence.rows} == {"none", "perplexity filter", "re-templating", "depth-robust organism"}
+    fp = m["defence/perplexity_filter/false_positive_rate"]
+    assert 0.0 <= fp["rate"] <= 0.5
+
+
+def test_simulated_records_decide_both_ways():
+    config = STUDY.resolve_config("quick", {"n_benign": 20})
+    rng = np.random.default_rng(0)
+    strong = STUDY.analyze(config, STUDY.simulate(config, 0.6, rng))
+    assert strong.verdict.verdict == Verdict.HOLDS
+    assert all(c.status == "pass" for c in strong.controls)
+    none = STUDY.analyze(config, STUDY.simulate(config, 0.0, rng))
+    assert none.verdict.verdict == Verdict.DOES_NOT_HOLD
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "suffix_length=0"], "suffix_length"),
+    (["--set", "gcg_steps=0"], "gcg_steps"),
+    (["--set", "targets=[llama]"], "targets"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
+    code, out, err = run_cli(["run", "jailbreak-transfer", "--scale", "quick", "--out", str(tmp_path / "runs"),
+                              *args], capsys)
+    assert code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
