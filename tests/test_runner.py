@@ -152,7 +152,8 @@ def test_threats_grid_covers_finished_runs(reference_run):
     from safetylab.threats import coverage
 
     cov = coverage(reference_run.parent.parent)
-    cell = cov["grid"]["shield"]["none"]
-    assert cell is not None and cell["verdict"] == json.loads((reference_run / "summary.json").read_text())["verdict"]["verdict"]
-    assert cov["grid"]["shield"]["weights"] is None  # silent: no run speaks to a weights-access adversary
-    assert "weights" in cov["silent_access_levels"]
+    cells = {(c["user"], c["tier"], c["asset"]): c for c in cov["cells"]}
+    ev = cells[("enterprise", "none", "users")]["evidence"]  # shield's declared cell
+    assert ev and ev[0]["verdict"] == json.loads((reference_run / "summary.json").read_text())["verdict"]["verdict"]
+    assert cells[("enterprise", "sophisticated", "users")]["silent"]  # no run speaks to a resourced attacker
+    assert ["enterprise", "sophisticated", "users"] in cov["silent_cells"] and not cov["flagged"]

@@ -284,11 +284,13 @@ def report_cmd(
 
 @app.command("threats")
 def threats_cmd(
-    runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Root folder of run folders."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Root folder of run folders (or one study's folder, or one run)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Which threat models the finished runs cover, and where the evidence is silent."""
-    from safetylab.threats import coverage
+    """The essay's grid (user population x adversary tier x protected asset): which cells the
+    finished runs speak to, with verdicts and intervals, where the evidence is silent, and
+    which reports state a verdict beyond the cells their config measured."""
+    from safetylab.threats import cell_lines, coverage
 
     if runs_dir.exists() and not runs_dir.is_dir():
         raise UserError(f"--runs {runs_dir} is a file; pass the folder that holds run folders")
@@ -296,19 +298,32 @@ def threats_cmd(
     if as_json:
         _print_json(cov)
         return
-    table = Table(title=f"threat-model coverage ({cov['n_runs']} finished runs in {runs_dir})")
-    table.add_column("study")
-    for a in cov["access_levels"]:
-        table.add_column(f"adversary: {a}")
-    for study, cells in cov["grid"].items():
-        row = []
-        for a in cov["access_levels"]:
-            c = cells[a]
-            row.append("[dim]silent[/dim]" if c is None else f"{c['verdict']} ({c['runs']} run{'s' if c['runs'] > 1 else ''})")
-        table.add_row(study, *row)
-    console.print(table)
-    if cov["silent_access_levels"]:
-        console.print(f"No evidence at all against adversaries with access: {', '.join(cov['silent_access_levels'])}.")
+    axes = cov["axes"]
+    by = {(c["user"], c["tier"], c["asset"]): c for c in cov["cells"]}
+    n_cells = len(cov["cells"])
+    console.print(f"threat-model coverage: {n_cells - len(cov['silent_cells'])} of {n_cells} cells have evidence "
+                  f"({cov['n_runs']} finished runs in {runs_dir})")
+    for asset in axes["assets"]:
+        table = Table(title=f"protecting {axes['asset_labels'][asset]}")
+        table.add_column("users")
+        for t in axes["tiers"]:
+            table.add_column(f"adversary: {t}", overflow="fold")
+        for user in axes["users"]:
+            row = []
+            for tier in axes["tiers"]:
+                lines = cell_lines(by[(user, tier, asset)])
+                row.append("\n".join(
+                    f"{ln['study']}: {ln['verdict']} {ln['interval']}" + (f" ({ln['n_runs']} runs)" if ln["n_runs"] > 1 else "")
+                    + (f"\n  {ln['measure']}" if ln["measure"] else "") for ln in lines) or "[dim]silent[/dim]")
+            table.add_row(user, *row)
+        console.print(table)
+    for f in cov["flagged"]:
+        console.print(f"[bold red]flagged[/bold red] {f['study']} {f['run_dir']}: {f['why']}: "
+                      + ", ".join("/".join(c) for c in f["cells"]))
+    for u in cov["unplaced"]:
+        console.print(f"note: {u['study']} {u['run_dir']}: {u['note']}")
+    for n in cov["notes"]:
+        console.print(f"note: {n['study']} {n['run_dir']}: {n['note']}")
     if cov["studies_without_runs"]:
         console.print(f"Studies with no finished run: {', '.join(cov['studies_without_runs'])}.")
 

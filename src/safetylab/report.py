@@ -32,9 +32,11 @@ from safetylab.results import (
 )
 from safetylab.study import Analysis, Figure, Study, StudyConfig
 
-SUMMARY_VERSION = 2
+SUMMARY_VERSION = 3
 """2: verdicts carry contrast_verdict, reason and unit; summaries carry controls and contrast.
-Tables carry ``kind`` ("table" or "matrix"), an addition readers ``.get`` (absent: "table")."""
+Tables carry ``kind`` ("table" or "matrix"), an addition readers ``.get`` (absent: "table").
+3: threat models carry users, tiers and assets; summaries carry ``evidence``, the cells the
+run's config measured (readers ``.get`` both: older summaries lack them)."""
 
 _VERDICT_COLOURS = {
     Verdict.HOLDS.value: "#1b7f3b",
@@ -75,6 +77,7 @@ def render_run(
         "study": study.name,
         "claim": study.claim.model_dump(mode="json"),
         "threat_model": study.threat_model.model_dump(mode="json"),
+        "evidence": _evidence(study, config),
         "verdict": analysis.verdict.model_dump(mode="json"),
         "headline": analysis.headline,
         "controls": [c.model_dump(mode="json") for c in analysis.controls],
@@ -91,6 +94,36 @@ def render_run(
     write_atomic(run_dir / "report.md", markdown_report(summary, env, run_dir))
     write_atomic(run_dir / "report.html", html_page(f"safetylab: {study.name}", html_section(summary, env, run_dir)))
     return summary
+
+
+def _evidence(study: Study, config: StudyConfig) -> dict[str, list[str]]:
+    covered = study.covered_threat_model(config)
+    return {"users": list(covered.users), "tiers": list(covered.tiers), "assets": list(covered.assets)}
+
+
+def _taxonomy_lines(summary: dict[str, Any]) -> tuple[list[tuple[str, str]], str]:
+    """(label, text) pairs placing the threat model in the essay's grid, and a warning when
+    the verdict is stated for cells the run's evidence does not cover ("" when none)."""
+    from safetylab.claims import ASSET_LABELS
+
+    tm = summary["threat_model"]
+    if not tm.get("users"):
+        return [("Cells", "not placed in the taxonomy (written before it; re-render with 'safetylab report')")], ""
+    lines = [("Users", ", ".join(tm["users"])), ("Adversary tiers", ", ".join(tm["tiers"])),
+             ("Assets", "; ".join(ASSET_LABELS.get(a, a) for a in tm["assets"]))]
+    ev = summary.get("evidence")
+    if not isinstance(ev, dict):
+        return lines, ""
+    declared = {(u, t, a) for u in tm["users"] for t in tm["tiers"] for a in tm["assets"]}
+    covered = {(u, t, a) for u in ev.get("users") or [] for t in ev.get("tiers") or [] for a in ev.get("assets") or []}
+    beyond = sorted(declared - covered)
+    if not beyond:
+        return lines, ""
+    lines.append(("This run measured", f"users {', '.join(ev.get('users') or []) or 'none'}; tiers "
+                  f"{', '.join(ev.get('tiers') or []) or 'none'}; assets {', '.join(ev.get('assets') or []) or 'none'}"))
+    shown = ", ".join("/".join(c) for c in beyond[:6]) + (f" and {len(beyond) - 6} more" if len(beyond) > 6 else "")
+    return lines, (f"Flagged: the verdict is stated for {len(beyond)} cell(s) this run's config did not measure "
+                   f"({shown}); it speaks only to the cells above.")
 
 
 # --------------------------------------------------------------------------- markdown
@@ -190,6 +223,10 @@ def markdown_report(summary: dict[str, Any], env: dict[str, Any], run_dir: Path)
     ]
     if tm.get("out_of_scope"):
         out.append(f"- **Says nothing about:** {'; '.join(tm['out_of_scope'])}")
+    cells, flag = _taxonomy_lines(summary)
+    out += [f"- **{k}:** {t}" for k, t in cells]
+    if flag:
+        out += ["", f"**{flag}**"]
     units = summary["units"]
     if units["failed"] or units["missing"]:
         out += ["", f"**Incomplete run:** {len(units['failed'])} failed and {len(units['missing'])} unfinished "
@@ -320,6 +357,7 @@ def _sections(summary: dict[str, Any], env: dict[str, Any], run_dir: Path, h2: s
     add("controls", "Controls", _controls_html(summary))
     add("contrast", "Primary contrast", _contrast_html(summary))
     tm = summary["threat_model"]
+    cells, flag = _taxonomy_lines(summary)
     threat = (
         f"<div class='threat'><dl class='threat-list'>"
         f"<dt>Deployer</dt><dd>{html.escape(tm['deployer'])}</dd>"
@@ -328,7 +366,8 @@ def _sections(summary: dict[str, Any], env: dict[str, Any], run_dir: Path, h2: s
         f"<dt>Budget</dt><dd>{html.escape(tm['budget'])}</dd>"
         f"<dt>Protected</dt><dd>{html.escape(tm['protected'])}</dd>"
         + (f"<dt>Says nothing about</dt><dd>{html.escape('; '.join(tm['out_of_scope']))}</dd>" if tm.get("out_of_scope") else "")
-        + "</dl></div>"
+        + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(t)}</dd>" for k, t in cells)
+        + "</dl></div>" + (f"<p class='warn'>{html.escape(flag)}</p>" if flag else "")
     )
     units = summary["units"]
     if units["failed"] or units["missing"]:
@@ -450,6 +489,45 @@ def _contrast_html(summary: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- combined
 
 
+def threat_grid_html(cov: dict[str, Any]) -> str:
+    """The user x adversary x asset grid (:func:`safetylab.threats.coverage_of`) as one small
+    table per asset: each cell lists the studies whose runs cover it, with verdict and
+    interval (and the study's own measurement of that cell where it gives one), or says
+    that the evidence is silent; flagged and unplaced runs follow."""
+    from safetylab.threats import cell_lines
+
+    axes = cov["axes"]
+    by = {(c["user"], c["tier"], c["asset"]): c for c in cov["cells"]}
+    parts = [f"<p>{len(cov['cells']) - len(cov['silent_cells'])} of {len(cov['cells'])} cells have evidence from "
+             f"{cov['n_runs']} run(s); a cell lists each study's newest run covering it. <i>Silent</i>: no run "
+             "speaks to that user population, adversary and asset.</p>"]
+    head = "".join(f"<th>adversary: {html.escape(t)}</th>" for t in axes["tiers"])
+    for asset in axes["assets"]:
+        rows = []
+        for user in axes["users"]:
+            tds = []
+            for tier in axes["tiers"]:
+                lines = cell_lines(by[(user, tier, asset)])
+                if not lines:
+                    tds.append("<td style='color:#888;background:#f4f4f4'>silent</td>")
+                    continue
+                tds.append("<td>" + "<br>".join(
+                    f"{html.escape(ln['study'])} {verdict_badge(ln['verdict'])} <span class='nowrap'>{html.escape(ln['interval'])}</span>"
+                    + (f"<br><small>{html.escape(ln['measure'])}</small>" if ln["measure"] else "")
+                    + (f" <small>({ln['n_runs']} runs)</small>" if ln["n_runs"] > 1 else "") for ln in lines) + "</td>")
+            rows.append(f"<tr><th>users: {html.escape(user)}</th>{''.join(tds)}</tr>")
+        label = axes["asset_labels"].get(asset, asset)
+        parts.append(f"<h3>Protecting {html.escape(label)}</h3><div class='scroll'><table><thead><tr><th></th>{head}"
+                     f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+    for f in cov["flagged"]:
+        parts.append(f"<p class='warn'>Flagged: {html.escape(f['study'])} (<code>{html.escape(f['run_dir'])}</code>): "
+                     f"{html.escape(f['why'])}: {html.escape(', '.join('/'.join(c) for c in f['cells']))}.</p>")
+    for u in cov["unplaced"]:
+        parts.append(f"<p class='warn'>Not placed: {html.escape(u['study'])} (<code>{html.escape(u['run_dir'])}</code>): "
+                     f"{html.escape(u['note'])}.</p>")
+    return "".join(parts)
+
+
 def render_combined(run_dirs: list[Path], out_dir: Path, scale: str) -> Path:
     """One HTML report over several finished runs (what ``reproduce`` ends with): a table of
     contents with each study's verdict badge, an overview table, then every study's report."""
@@ -482,15 +560,20 @@ def render_combined(run_dirs: list[Path], out_dir: Path, scale: str) -> Path:
             + "".join(f"<a href='#{sid}'>{html.escape(label)}</a>" for sid, label in sub) + "</span></li>"
         )
         index.append({"study": name, "run_dir": str(rd), "verdict": v})
+    from safetylab.threats import coverage_of, runs_of
+
+    grid = threat_grid_html(coverage_of(runs_of(run_dirs), source=str(out_dir)))
     body = (
         f"<h1>safetylab reproduce ({html.escape(scale)} scale)</h1>"
         "<p>Each study reruns one essay's claim on model organisms trained here; the verdict is read off a "
         "95% interval over seeds or prompts. Sections below are the per-study reports.</p>"
-        "<nav class='toc' aria-labelledby='contents'><h2 id='contents'>Contents</h2><ol>" + "".join(toc) + "</ol></nav>"
+        "<nav class='toc' aria-labelledby='contents'><h2 id='contents'>Contents</h2><ol>" + "".join(toc) + "</ol>"
+        "<p><a href='#overview'>Overview</a> · <a href='#threats'>Threat-model coverage</a></p></nav>"
         "<h2 id='overview'>Overview</h2>"
         "<div class='scroll'><table><thead><tr><th>study</th><th>claim</th><th>verdict</th>"
         "<th>decisive metric [95% CI]</th><th>adversary access</th><th>run folder</th></tr></thead><tbody>"
         + "".join(rows) + "</tbody></table></div>"
+        "<h2 id='threats'>Threat-model coverage (user × adversary × asset)</h2>" + grid
         + "".join(f"<hr>{s}" for s in sections)
     )
     write_atomic(out_dir / "report.html", html_page(f"safetylab reproduce ({scale})", body))

@@ -191,6 +191,24 @@ class Study:
     """torch threads for every unit, whatever the executor. Small models run fastest
     (and give the same bits under every executor) on one thread; ``None`` = the
     runner's choice (all cores in process, cores/workers in a pool)."""
+    evidence: Callable[[Any], ThreatModel] | None = None
+    """The part of ``threat_model`` a config actually measures, e.g. an attack-free config
+    covers adversary tier ``none`` only (``ThreatModel.narrow``); ``None``: see
+    :meth:`covered_threat_model`."""
+
+    def covered_threat_model(self, config: StudyConfig) -> ThreatModel:
+        """The cells a run of ``config`` has evidence for: the declared threat model,
+        narrowed by the config's own ``users`` / ``tiers`` / ``assets`` fields where it has
+        them (a study that runs a chosen subset of the taxonomy), then by ``evidence``.
+        Never more than declared; the report flags a verdict stated beyond it."""
+        tm = self.threat_model
+        tm = tm.narrow(**{k: getattr(config, k) for k in ("users", "tiers", "assets") if hasattr(config, k)})
+        if self.evidence is not None:
+            narrowed = self.evidence(config)
+            assert set(narrowed.cells()) <= set(self.threat_model.cells()), \
+                f"{self.name}: evidence() covers cells its THREAT_MODEL does not declare"
+            tm = tm.narrow(users=narrowed.users, tiers=narrowed.tiers, assets=narrowed.assets)
+        return tm
 
     def resolve_config(
         self,
