@@ -182,6 +182,9 @@ THREAT_MODEL = ThreatModel(
     access="black-box",
     budget="GCG steps x candidates on the source (counted in model calls); one query per request on the target",
     protected="refusal of requests for hazardous procedures (harm = the procedure reproduced)",
+    users=("public",),
+    tiers=("sophisticated",),  # optimised suffixes from a white-box source model
+    assets=("society",),
     out_of_scope=(
         "adversaries who query the target's log-probabilities or gradients (those are rare-failure's)",
         "real models unless given as sources/targets (not supported by this study yet)",

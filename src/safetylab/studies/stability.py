@@ -228,6 +228,9 @@ THREAT_MODEL = ThreatModel(
     access="weights",
     budget="the fine-tuning budget in optimiser steps (config steps) at the given learning rates",
     protected="refusal of requests for hazardous procedures",
+    users=("enterprise",),
+    tiers=("none",),  # the claim is about an honest fine-tuner
+    assets=("society",),
     out_of_scope=(
         "fine-tuning with parameter-efficient adapters (LoRA) or with RLHF",
         "models larger than the organisms unless their world is supplied as an organism folder",
