@@ -11,7 +11,8 @@ implementations optimise the same objective over the same tokens:
   organism tokenizers add none, so it gets a copy whose post-processor prepends ``<bos>``
   (the prompt it optimises is then token for token the one the organism sees).
 * its "non-ASCII" exclusion misses the organisms' role tokens (``<user>``, ``<assistant>``),
-  which would let it inject chat turns; they are excluded as in ours.
+  which would let it inject chat turns, and embedding rows beyond the tokenizer (a padded
+  vocabulary); both are excluded as in ours.
 
 nanoGCG pins ``transformers<=4.47.1``; it runs with the newer pinned Transformers, so it is
 installed without its dependencies (``pip install --no-deps nanogcg==0.3.0``, as the Makefile does).
@@ -71,7 +72,9 @@ def run_nanogcg(target: ChatTarget, request: str, target_text: str, *, suffix_in
     config = nanogcg.GCGConfig(num_steps=n_steps, optim_str_init=suffix_init, search_width=search_width, topk=topk,
                                seed=seed, use_prefix_cache=False, early_stop=early_stop, verbosity="WARNING")
     attack = GCG(target.model, tok, config)
-    attack.not_allowed_ids = torch.tensor(sorted(set(attack.not_allowed_ids.tolist()) | special_ids(tok)),
+    # Rows of the embedding beyond the tokenizer (padded vocabularies) are never proposed, as in ours.
+    beyond = set(range(len(tok), target.embedding.weight.shape[0]))
+    attack.not_allowed_ids = torch.tensor(sorted(set(attack.not_allowed_ids.tolist()) | special_ids(tok) | beyond),
                                           device=target.device)
     t0 = time.perf_counter()
     det = torch.are_deterministic_algorithms_enabled()
