@@ -50,6 +50,7 @@ def test_units_and_exact_probabilities(tiny_run):
     assert pop["n"] == 200 and ((0 <= q) & (q <= 1)).all()
     assert pop["exact_p_sampled"] == pytest.approx(q.mean())
     assert set(pop["greedy_fail"]) <= {0, 1}
+    assert [g["index"] for g in pop["greedy_failures"]] == [i for i, f in enumerate(pop["greedy_fail"]) if f]
     # Every estimator reports its cost; MC's cost is its draws.
     assert org["sampled"]["monte-carlo"]["n_evaluations"] == config.mc_draws
     assert org["sampled"]["importance-sampling"]["n_evaluations"] == config.is_draws + config.n_population
