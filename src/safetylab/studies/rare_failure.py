@@ -504,12 +504,19 @@ def _retries(q: np.ndarray, config: Config, rng: np.random.Generator) -> list[di
     return rows
 
 
+def _organism_request(config: Config, variant: str, seed: int) -> Any:
+    from safetylab.organisms.cache import OrganismRequest
+
+    base = config.organism_seed if config.shared_base and variant != "never-taught" else None
+    return OrganismRequest(variant, config.organism_scale, seed=seed, base_seed=base)
+
+
 def _organism_path(config: Config, variant: str, seed: int, ctx: Context) -> Path:
     from safetylab.organisms import get_organism
 
-    base = config.organism_seed if config.shared_base and variant != "never-taught" else None
-    return get_organism(variant, scale=config.organism_scale, cache_dir=Path(ctx.cache_dir) / "organisms", seed=seed,
-                        base_seed=base, quiet=ctx.quiet)
+    r = _organism_request(config, variant, seed)
+    return get_organism(r.variant, scale=r.scale, cache_dir=Path(ctx.cache_dir) / "organisms", seed=r.seed,
+                        base_seed=r.base_seed, quiet=ctx.quiet)
 
 
 def _attack_organism(config: Config, target: Any, world: Any, rng: np.random.Generator, seed: int) -> dict[str, Any]:
@@ -607,6 +614,12 @@ def units(config: Config) -> list[Unit]:
         out.append(Unit(f"system=organism/variant={config.control_variant}/seed={config.organism_seed}",
                         {"system": "organism", "variant": config.control_variant, "seed": config.organism_seed}))
     return out
+
+
+def organisms(config: Config) -> list[Any]:
+    """The organisms the units load (the runner pre-trains the missing ones in a pool)."""
+    return [_organism_request(config, u.params["variant"], u.params["seed"])
+            for u in units(config) if u.params["system"] == "organism"]
 
 
 def prepare(config: Config, ctx: Context) -> None:
@@ -930,6 +943,7 @@ STUDY = Study(
     analyze=analyze,
     plots=plots,
     prepare=prepare,
+    organisms=organisms,
     simulate=simulate,
     calibration=Calibration(null_effect=THRESHOLD, alternative_effect=2.5, power=0.8,
                             effect="true log10(attack success / (B p)) on every organism seed", scale="quick"),
