@@ -21,6 +21,7 @@ REGISTRY: dict[str, str] = {
     "rare-failure": "safetylab.studies.rare_failure",
     "jailbreak-transfer": "safetylab.studies.jailbreak_transfer",
     "stability": "safetylab.studies.stability",
+    "elicitation": "safetylab.studies.elicitation",
 }
 
 
