@@ -647,16 +647,19 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
     if ranked:
         flattest = min(ranked, key=lambda v: metrics[f"geometry/lambda_max/{v}"]["rate"])
         widest = max(ranked, key=lambda v: metrics[f"geometry/d_hat/{v}"]["rate"] or -1)
-        slowest = max(variants, key=lambda v: metrics[f"steps_to_exit/{v}"]["rate"] or -1)
+        most = max(metrics[f"steps_to_exit/{v}"]["rate"] or -1 for v in variants)
+        slowest = [v for v in variants if (metrics[f"steps_to_exit/{v}"]["rate"] or -1) == most]
         metrics["geometry/flattest"] = flattest
         metrics["geometry/widest"] = widest
         metrics["stability/slowest_exit"] = slowest
+        agree = flattest in slowest and widest in slowest
         findings.append(
             f"Flattest safety loss (smallest top Hessian eigenvalue): {flattest}; widest region (largest estimated "
-            f"distance to the boundary): {widest}; slowest to leave S under benign fine-tuning: {slowest}. "
-            + ("They agree." if flattest == widest == slowest else
-               "They do not all agree: curvature of the safety loss at theta_0 does not by itself predict how long "
-               "benign fine-tuning takes to leave S."))
+            f"distance to the boundary): {widest}; slowest to leave S under benign fine-tuning: {' and '.join(slowest)}"
+            + (" (tied)" if len(slowest) > 1 else "") + ". "
+            + ("Curvature, width and stability agree." if agree else
+               "They do not all agree: the curvature of the safety loss at theta_0 does not by itself predict how "
+               "long benign fine-tuning takes to leave S."))
 
     # ---- learning rates, tasks, attack sizes, mitigations
     sweep_rows = []
@@ -740,8 +743,10 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
                if ratios else "")
             + (". The bound held everywhere it was tested on benign fine-tuning." if bound_holds else
                ". The bound failed: the probed directions overestimate the distance to the boundary.")
-            + (f" The harmful attack left S at {attack_viol} of {attack_tested} trajectory points closer than d_hat: "
-               "its direction is one the probes miss, so d_hat is no bound against it." if attack_tested else ""))
+            + ((f" The harmful attack left S at {attack_viol} of {attack_tested} trajectory points closer than d_hat: "
+                "its direction is one the probes miss, so d_hat is no bound against it." if attack_viol else
+                f" The harmful attack stayed in S at all {attack_tested} of its trajectory points closer than d_hat.")
+               if attack_tested else ""))
 
     # ---- gradient alignment
     cos_all = [rec["result"]["geometry"]["cosine_task_safety"] for rec in records if rec["result"]["geometry"]]
@@ -827,6 +832,14 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
         f"on the true distance. The bound is checked on {config.n_check_batches} fresh batches of "
         f"{config.geometry_batch} examples.",
     ]
+    full = Config()
+    reduced = [f"{k} {getattr(config, k)} (full design: {getattr(full, k)})" for k in
+               ("steps", "batch_size", "n_forbidden", "n_benign", "lrs", "hessian_pairs", "lanczos_iter",
+                "n_check_batches", "n_random_directions", "detail_seeds", "detail_variants")
+               if getattr(config, k) != getattr(full, k)]
+    if reduced:
+        notes.append("Smaller than the issue's full design (paper scale) to fit the reproduce budget: "
+                     + "; ".join(reduced) + ".")
     return Analysis(verdict=verdict, headline=headline, metrics=_jsonable(metrics), tables=tables, controls=controls,
                     contrast=contrast, findings=findings, setup_notes=notes)
 
@@ -1015,10 +1028,10 @@ STUDY = Study(
         null_effect=FRACTION_THRESHOLD, alternative_effect=0.9, power=0.8,
         effect="probability that a benign-only fine-tuning run leaves S (every variant and seed)",
         scale="quick"),
-    # Quick (~2 CPU-minutes): 3 seeds per variant from one base, 40 steps of batch 8, runs stop at their exit;
+    # Quick (~2 CPU-minutes): 3 seeds per variant from one base, 30 steps of batch 8, runs stop at their exit;
     # geometry and controls on seed 0 of each variant; the learning-rate sweep, existing families and
     # mitigations on sft seed 0 only.
-    scales={"quick": {"organism_scale": "quick", "seeds": 3, "shared_base": True, "steps": 40, "batch_size": 8,
+    scales={"quick": {"organism_scale": "quick", "seeds": 3, "shared_base": True, "steps": 30, "batch_size": 8,
                       "eval_every": 5, "stop_at_exit": True, "n_forbidden": 32, "n_benign": 32, "detail_seeds": 1,
                       "detail_variants": ["sft"], "lrs": [3e-5, 1e-4, 1e-3], "hessian_pairs": 4,
                       "geometry_batch": 8, "lanczos_iter": 10, "n_check_batches": 2, "n_random_directions": 0},
