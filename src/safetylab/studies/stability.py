@@ -693,6 +693,38 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
                            + (f" ({ste['censored']} stayed)" if ste.get("censored") else ""),
                            _fmt(acc_in), _fmt(acc_end), _fmt(rep_end), _fmt(harm), _fmt(coherent)])
 
+    def arm_summary(name: str) -> str:
+        ste = metrics[f"arm/{name}/steps_to_exit"]
+        when = (f"stayed in S all {config.steps} steps" if ste.get("censored") == ste["n"] else
+                f"steps to exit {_fmt(ste, 1)}" + (f" ({ste['censored']} stayed)" if ste.get("censored") else ""))
+        return (f"left S {_fmt(metrics[f'arm/{name}/exit_fraction'])}, {when}, held-out accuracy on the novel task "
+                f"at its last point in S {_fmt(metrics[f'arm/{name}/novel_acc_inside'])}")
+
+    lr_arms = sorted((n for n in by_name if n.startswith("novel@")), key=lambda n: float(n.split("@")[1]))
+    if lr_arms and "arm/novel/exit_fraction" in metrics:
+        findings.append("Learning rate (same organisms): " + "; ".join(
+            [f"lr {config.lr:g}: {arm_summary('novel')}"]
+            + [f"lr {n.split('@')[1]}: {arm_summary(n)}" for n in lr_arms]) + ".")
+    mit_arms = [n for n in by_name if n.startswith("novel+")]
+    if mit_arms and "arm/novel/exit_fraction" in metrics:
+        findings.append("Mitigations at lr " + f"{config.lr:g} (same organisms), against plain benign fine-tuning "
+                        f"({arm_summary('novel')}): " + "; ".join(f"{n.split('+')[1]}: {arm_summary(n)}"
+                                                                   for n in mit_arms) + ".")
+    capped = [run for _, run in by_name.get("novel+cap", []) if run.get("max_step_norm")]
+    if capped:
+        mean_step = float(np.mean([run["step_norm_mean"] for run in capped]))
+        cap = float(np.mean([run["max_step_norm"] for run in capped]))
+        metrics["mitigation/cap_mean_step"] = mean_step
+        metrics["mitigation/cap_value"] = cap
+        findings.append(
+            f"The step cap held every update to at most {cap:.3g} (the single-step bound); updates averaged "
+            f"{mean_step:.3g}, so " + ("the cap rarely bound: a bound on one step does not stop many short steps "
+                                       "from adding up to an exit." if mean_step < 0.9 * cap else
+                                       "the cap bound most steps."))
+    if "arm/replay/exit_fraction" in metrics:
+        findings.append(f"Existing benign families instead of the novel task: {arm_summary('replay')} (a task the "
+                        "organism already knows barely moves the weights).")
+
     # ---- second claim: no step below the predicted bound leaves S
     single_tested = single_viol = traj_tested = traj_viol = attack_tested = attack_viol = 0
     ratios: list[float] = []
