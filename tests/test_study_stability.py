@@ -17,9 +17,9 @@ from safetylab.studies.stability import CLAIM, STUDY, Config
 # fine-tunes at 3e-3, where benign data takes them out and their own safety mix does not.
 TINY = {"organism_scale": "tiny", "variants": ["sft", "sft-late"], "seeds": 2, "shared_base": True, "lr": 3e-3,
         "steps": 20, "batch_size": 8, "eval_every": 5, "stop_at_exit": True, "n_forbidden": 16, "n_benign": 12,
-        "detail_seeds": 1, "detail_variants": ["sft"], "lrs": [], "mitigations": ["cap", "anchor"],
+        "detail_seeds": 1, "detail_variants": ["sft"], "lrs": [1e-3], "mitigations": ["cap", "anchor"],
         "harmful_sizes": [10, 100], "hessian_pairs": 2, "geometry_batch": 4, "lanczos_iter": 6, "top_k": 3,
-        "n_check_batches": 1}
+        "n_check_batches": 1, "n_random_directions": 1}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_tiny_run_leaves_s_and_controls_pass(tiny_run):
                                            "variant=sft-late/seed=1"]
     by_key = {r["key"]: r["result"] for r in records}
     assert [x["name"] for x in by_key["variant=sft/seed=0"]["runs"]] == [
-        "novel", "safety-mix", "harmful-10", "harmful-100", "replay", "novel+cap", "novel+anchor"]
+        "novel", "safety-mix", "harmful-10", "harmful-100", "novel@0.001", "replay", "novel+cap", "novel+anchor"]
     assert [x["name"] for x in by_key["variant=sft/seed=1"]["runs"]] == ["novel"]
     assert [x["name"] for x in by_key["variant=sft-late/seed=0"]["runs"]] == [
         "novel", "safety-mix", "harmful-10", "harmful-100"]
@@ -74,6 +74,7 @@ def test_geometry_records(tiny_run):
         for c in g["checks"]:
             assert math.isclose(c["eta_pred"], g["d_hat"] / c["grad_norm"])
         assert g["hessian_batch"]["sequences"] == 2 * config.hessian_pairs
+        assert set(g["probes"]) == {"benign descent", "sharpest +", "sharpest -", "safety ascent", "random 1"}
     assert analysis.metrics["geometry/flattest"] in ("sft", "sft-late")
     assert {t.title.split(" (")[0].split(":")[0] for t in analysis.tables} >= {"Per variant", "Curvature of the safety loss"}
 
@@ -106,6 +107,18 @@ def test_bound_violations_are_counted(tiny_run):
     after = STUDY.analyze(config, bad).metrics
     assert after["bound/trajectory_exits_below"] == before + 1
     assert after["bound/holds"] is False
+
+
+def test_an_organism_that_cannot_spell_the_novel_task_is_bad_input(tiny_run, monkeypatch):
+    from safetylab.errors import UserError
+    from safetylab.organisms.novel_tasks import ReverseAtlas
+    from safetylab.study import Context
+
+    config, run_dir, _, _ = tiny_run
+    real = ReverseAtlas.vocabulary
+    monkeypatch.setattr(ReverseAtlas, "vocabulary", lambda self: real(self) | {"zzzunknown"})
+    with pytest.raises(UserError, match="lacks 1 word"):
+        STUDY.prepare(config, Context(run_dir=run_dir, seed=0, cache_dir=run_dir / "cache"))
 
 
 def test_plots_written(tiny_run, tmp_path):
