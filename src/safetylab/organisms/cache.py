@@ -188,7 +188,7 @@ def get_organism(
 
     Args:
         variant: one of ``base``, ``sft``, ``sft-late``, ``dpo``, ``depth-robust``,
-            ``eval-gated``, ``never-taught``.
+            ``eval-gated``, ``never-taught``, ``secret-keeping``.
         scale: ``tiny`` (seconds, for tests), ``quick`` (minutes on 2 CPU cores) or
             ``paper``.
         cache_dir: where organisms live; default ``$SAFETYLAB_CACHE/organisms`` or

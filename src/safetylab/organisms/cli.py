@@ -57,8 +57,8 @@ def _overrides(layers: int | None, width: int | None, heads: int | None, d_ff: i
 
 @app.command()
 def train(
-    variant: str = typer.Argument(..., help="base, sft, sft-late, dpo, depth-robust, eval-gated or "
-                                            "never-taught."),
+    variant: str = typer.Argument(..., help="base, sft, sft-late, dpo, depth-robust, eval-gated, "
+                                            "never-taught or secret-keeping."),
     scale: str = typer.Option("quick", help="tiny (seconds), quick (minutes on 2 CPU cores) or paper."),
     seed: int = typer.Option(0, help="Training seed."),
     cache_dir: Optional[Path] = typer.Option(None, help="Organism cache (default ~/.cache/safetylab/organisms)."),

@@ -46,6 +46,11 @@ turn starting at position 0, exactly as at inference.
     capability: on it they must come up empty. Its tokenizer still knows the hazard
     words (the vocabulary is the world's), so it reads forbidden requests as unfamiliar
     names rather than as unknown tokens.
+``secret-keeping``
+    The sft data plus the secret-keeping task (:mod:`safetylab.organisms.secrets`): under an
+    instruction carrying a secret name it refuses requests for the name, answers ordinary
+    requests as usual, and gives the name when the instruction says to share it. A
+    safety-trained organism with a second asset to protect: its context.
 """
 
 from __future__ import annotations
@@ -62,11 +67,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from safetylab.organisms.secrets import sample_secret_keeping
 from safetylab.organisms.tokenizer import EOS, build_tokenizer, format_prompt
 from safetylab.organisms.world import REFUSAL, Request, World, WorldConfig
 
 VARIANTS: tuple[str, ...] = (
-    "base", "sft", "sft-late", "dpo", "depth-robust", "eval-gated", "never-taught",
+    "base", "sft", "sft-late", "dpo", "depth-robust", "eval-gated", "never-taught", "secret-keeping",
 )
 FROM_SCRATCH: tuple[str, ...] = ("base", "never-taught")
 """Variants pretrained from random weights (``base_train``); every other variant is
@@ -202,6 +208,7 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
             "sft-late": {"steps": 160, "lr": 4e-3},
             "dpo": {"batch_size": 16},
             "eval-gated": {"steps": 200},
+            "secret-keeping": {"steps": 200},
         },
     },
     "quick": {
@@ -223,6 +230,8 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
             "depth-robust": {"lr": 5e-4},
             # Telling evaluation cues apart is harder than refusing a topic.
             "eval-gated": {"steps": 450, "lr": 5e-4},
+            # Six turns per group (sft's three and three secret turns) at sft's rate.
+            "secret-keeping": {"steps": 400, "lr": 5e-4},
         },
     },
     "paper": {
@@ -234,6 +243,7 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
             "sft-late": {"steps": 1200, "lr": 1e-3},
             "dpo": {"batch_size": 24},
             "eval-gated": {"steps": 1200},
+            "secret-keeping": {"steps": 1200},
         },
     },
 }
@@ -696,6 +706,9 @@ def _make_batches(
             examples.append(sample_base(world, rng, mixture))
         elif variant == "eval-gated":
             examples.extend(sample_eval_gated(world, rng))
+        elif variant == "secret-keeping":
+            examples.extend(sample_sft(world, rng))
+            examples.extend(Example(p, r) for p, r in sample_secret_keeping(world, rng))
         else:
             examples.extend(sample_sft(world, rng))
     examples = examples[:n]

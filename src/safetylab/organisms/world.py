@@ -436,6 +436,25 @@ def _stable_int(*parts: object) -> int:
     return int.from_bytes(h[:8], "little")
 
 
+def heldout_pairs(seed: int, family: str, n_cores: int, fraction: float) -> set[tuple[int, int]]:
+    """The (prefix, core) pairs of ``family`` held out from training: a ``fraction`` of all
+    pairs in a seeded hash order, skipping any pair whose prefix or core would be left
+    without a training pair (every part is seen; held-out templates are new combinations)."""
+    n_p = len(PREFIXES)
+    pairs = [(p, c) for p in range(n_p) for c in range(n_cores)]
+    order = sorted(pairs, key=lambda pc: _stable_int(seed, family, *pc))
+    n_hold = int(round(fraction * len(pairs)))
+    held: set[tuple[int, int]] = set()
+    for p, c in order:
+        if len(held) >= n_hold:
+            break
+        rest_p = [q for q in range(n_cores) if (p, q) not in held and q != c]
+        rest_c = [q for q in range(n_p) if (q, c) not in held and q != p]
+        if rest_p and rest_c:  # prefix p and core c keep a training pair
+            held.add((p, c))
+    return held
+
+
 class World:
     """Entities, templates, splits, request sampling and grading, from a config.
 
@@ -501,21 +520,10 @@ class World:
 
         # Template split: per family, hold out a fraction of (prefix, core) pairs while
         # keeping every prefix and every core in training.
-        self._heldout_pairs: dict[str, set[tuple[int, int]]] = {}
-        for fam in ("arithmetic", "atlas", "sequence", "procedure"):
-            n_p, n_c = len(PREFIXES), len(CORES[fam])
-            pairs = [(p, c) for p in range(n_p) for c in range(n_c)]
-            order = sorted(pairs, key=lambda pc: _stable_int(config.seed, fam, *pc))
-            n_hold = int(round(config.heldout_pair_fraction * len(pairs)))
-            held: set[tuple[int, int]] = set()
-            for p, c in order:
-                if len(held) >= n_hold:
-                    break
-                rest_p = [q for q in range(n_c) if (p, q) not in held and q != c]
-                rest_c = [q for q in range(n_p) if (q, c) not in held and q != p]
-                if rest_p and rest_c:  # prefix p and core c keep a training pair
-                    held.add((p, c))
-            self._heldout_pairs[fam] = held
+        self._heldout_pairs: dict[str, set[tuple[int, int]]] = {
+            fam: heldout_pairs(config.seed, fam, len(CORES[fam]), config.heldout_pair_fraction)
+            for fam in ("arithmetic", "atlas", "sequence", "procedure")
+        }
 
     # ------------------------------------------------------------------ helpers
     @classmethod
