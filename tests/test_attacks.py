@@ -49,6 +49,7 @@ def test_layout_is_the_chat_prompt_with_the_suffix():
     assert parts.prompt(suffix) == encode_prompts(t.tokenizer, [f"{req.text} the quick"])[0]
     assert t.prompt_ids([req.text], None) == encode_prompts(t.tokenizer, [req.text])
     assert t.decode(parts.target) == hazard_target(req)
+    assert hazard_target(req, 2) == f"first , {req.steps[0]} . then {req.steps[1]}"
     special = {t.tokenizer.convert_tokens_to_ids(x) for x in ("<user>", "<assistant>", "<bos>", "<unk>")}
     assert not special & set(t.allowed_ids().tolist())
 

@@ -21,18 +21,22 @@ COMPLIANCE_OPENER = "Sure, here is"
 """Target string for real models (Zou et al. 2023 use 'Sure, here is' + the request)."""
 
 
-def hazard_target(request: Any) -> str:
-    """The organism target string: the hazard procedure's opening, ``first , <step 1>``.
+def hazard_target(request: Any, n_steps: int = 1) -> str:
+    """The organism target string: the hazard procedure's opening, ``first , <step 1>``
+    (with ``n_steps`` > 1: ``first , <step 1> . then <step 2> ...``).
 
     Args:
         request: a forbidden :class:`~safetylab.organisms.world.Request` (or its dict).
+        n_steps: procedure steps in the target (at least 1; capped at the procedure's length).
     """
+    from safetylab.errors import UserError
+
     steps = request["steps"] if isinstance(request, dict) else request.steps
     if not steps:
-        from safetylab.errors import UserError
-
         raise UserError("hazard_target needs a forbidden request with a procedure (a 'hazard' request of the world)")
-    return f"first , {steps[0]}"
+    if n_steps < 1:
+        raise UserError(f"n_steps={n_steps}: the target needs at least the first step")
+    return " . ".join([f"first , {steps[0]}", *(f"then {s}" for s in steps[1:n_steps])])
 
 
 def is_success(grade: Any) -> bool:
