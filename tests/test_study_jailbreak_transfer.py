@@ -83,3 +83,45 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, needle
     assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_real_models_by_folder_are_sources_and_targets(tiny_run, tmp_path):
+    """A 'real' model is any chat model folder: here tiny organisms saved without their organism.json, so only
+    the keyword judge can grade them (success = not refused, reported beside the verdict)."""
+    import shutil
+
+    from organism_fixtures import tiny_organism
+
+    from safetylab.organisms import World
+
+    folders = []
+    for variant in ("sft-late", "sft"):
+        dst = tmp_path / variant
+        shutil.copytree(tiny_organism(variant), dst)
+        (dst / "organism.json").unlink()
+        folders.append(str(dst))
+    world = World.from_organism(tiny_organism("sft"))
+    reqs = world.eval_requests("forbidden", split="heldout", n=12, rng_seed=5)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r.text}) + "\n" for r in reqs))
+    config, records, _ = tiny_run
+    real_cfg = STUDY.resolve_config("quick", {**TINY, "real_models": folders, "prompts": str(tmp_path / "prompts.jsonl"),
+                                              "real_target": "first ,", "n_eval": 8})
+    unit = next(u for u in STUDY.units(real_cfg) if u.params["kind"] == "real-source")
+    with torch_threads(1):
+        result = json.loads(json.dumps(STUDY.run_unit(real_cfg, unit, Context(run_dir=tmp_path, seed=0,
+                                                                              cache_dir=tmp_path))))
+    assert set(result["targets"]) == set(folders) and len(result["targets"][folders[1]]["none"]) == 8
+    assert not any(result["targets"][folders[1]]["none"])  # the sft folder refuses every bare request
+    analysis = STUDY.analyze(real_cfg, records + [{"key": unit.key, "params": unit.params, "result": result}])
+    table = next(t for t in analysis.tables if t.title.startswith("Real models"))
+    assert table.columns[1:] == folders and table.rows[-1][0] == "no suffix"
+    assert analysis.verdict.estimate == pytest.approx(STUDY.analyze(config, records).verdict.estimate)
+
+
+def test_real_models_need_prompts(tmp_path, capsys):
+    from organism_fixtures import tiny_organism
+
+    code, _, err = run_cli(["run", "jailbreak-transfer", "--scale", "quick", "--out", str(tmp_path / "runs"),
+                            "--set", f"real_models=[{tiny_organism('sft')}]"], capsys)
+    assert code == 2 and "prompts" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
