@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "jailbreak-transfer": "safetylab.studies.jailbreak_transfer",
     "stability": "safetylab.studies.stability",
     "elicitation": "safetylab.studies.elicitation",
+    "threat-model": "safetylab.studies.threat_model",
 }
 
 
