@@ -112,7 +112,7 @@ class Config(StudyConfig):
     cap_fraction: float = Field(1.0, gt=0)
     """cap: every update is at most this multiple of the estimated distance to the boundary d_hat."""
     hessian_pairs: int = Field(8, ge=1)
-    """Safety-loss batch: this many covered-hazard refusals plus their paired look-alike answers (training templates, fixed per unit)."""
+    """Safety-loss batch: this many covered-hazard refusals plus their paired look-alike answers (training templates; the same requests for every organism of a world)."""
     geometry_batch: int = Field(16, ge=1)
     """Novel-task examples per gradient in the geometry (one prediction batch, n_check_batches fresh ones)."""
     top_k: int = Field(5, ge=1)
@@ -431,8 +431,10 @@ def run_unit(config: Config, unit: Unit, ctx: Context) -> dict[str, Any]:
     geometry = None
     if config.is_detail(variant, seed):
         with ctx.progress(f"stability geometry {unit.key}", total=None):
+            # One data seed for every organism: variants are compared on the same safety-loss batch, the
+            # same benign batches and the same random directions (the curvature depends on the batch).
             geometry = _geometry(config, model, tok, world, novel, evaluator.refusal,
-                                 np.random.default_rng([base_rng, 1]))
+                                 np.random.default_rng([config.seed, 1]))
     geometry_seconds = time.perf_counter() - t0
     runs_out = []
     specs = _runs(config, variant, seed)
@@ -832,7 +834,9 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
             "variant", "seed", "top eigenvalues", "max Ritz residual", "|grad safety|", "|grad task|", "cos",
             "distance to the boundary per direction", "Hessian s"], rows=geo_rows,
             caption=f"Safety loss on {config.hessian_pairs} covered-hazard refusals + their paired look-alike answers "
-                    f"(training templates); {config.lanczos_iter} Lanczos iterations with full reorthogonalisation."),
+                    f"(training templates, drawn with data seed {config.seed}: the same batch for every organism); "
+                    f"{config.lanczos_iter} Lanczos iterations with full reorthogonalisation. Curvature on a batch "
+                    "this small depends on which requests it holds: compare variants on this table's batch only."),
         Table(title="Predicted vs observed step bound (single gradient steps on fresh benign batches)", columns=[
             "variant", "seed", "d_hat", "|g|", "predicted eta = d_hat/|g|", "first exiting eta", "ratio",
             "exits below bound"], rows=bound_rows,
@@ -1065,7 +1069,7 @@ STUDY = Study(
     # mitigations on sft seed 0 only.
     scales={"quick": {"organism_scale": "quick", "seeds": 3, "shared_base": True, "steps": 30, "batch_size": 8,
                       "eval_every": 5, "stop_at_exit": True, "n_forbidden": 32, "n_benign": 32, "detail_seeds": 1,
-                      "detail_variants": ["sft"], "lrs": [3e-5, 1e-4, 1e-3], "hessian_pairs": 4,
+                      "detail_variants": ["sft"], "lrs": [3e-5, 1e-4, 1e-3],
                       "geometry_batch": 8, "lanczos_iter": 10, "n_check_batches": 2, "n_random_directions": 0},
             "paper": {}},
     unit_threads=1,  # a 1.4M-parameter model on short sequences: one thread is fastest on a shared machine
