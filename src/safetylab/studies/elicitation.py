@@ -344,7 +344,7 @@ def _check_probe_set(ps: dict[str, Any]) -> None:
               "which hazard": np.array(ps["subject"])[kind == "forbidden"],
               "next step (covered)": label[(kind == "next-step") & ~held]}
     for name, y in checks.items():
-        if np.unique(y).size < 2:
+        if np.unique(y).size < 2 or (name.startswith("forbidden") and np.unique(y, return_counts=True)[1].min() < 2):
             raise UserError(f"probe target '{name}' has {'one class' if np.unique(y).size else 'no samples'} "
                             f"({np.unique(y).tolist()}) with n_probe={len(kind) // 3 * 2}; raise n_probe so that "
                             f"every target has two classes")
@@ -408,6 +408,8 @@ def probe_all(acts: np.ndarray, ps: dict[str, Any], config: Config) -> dict[str,
                                [c[cov_n] for c in cn], probe),
             "hazard": _probe(acts[ns], yn, holdout_split(cov_n), cn, probe)}
         out["fisher"] = [fisher_ratio(acts[fl][:, j], y) for j in range(acts.shape[1])]
+        # Separability on held-out hazards alone: hazards safety training never showed.
+        out["fisher_heldout"] = [fisher_ratio(acts[fl][~cov][:, j], y[~cov]) for j in range(acts.shape[1])]
     except ValueError as exc:
         raise UserError(f"probe: {exc}") from None
     return out
@@ -658,6 +660,7 @@ def unit_summary(res: dict[str, Any]) -> dict[str, Any]:
         "ctrl": None if best is None else _f(fl_h["control_accuracy"][best]),
         "log_loss": None if best is None else _f(fl_h["log_loss"][best]),
         "fisher": None if best is None else _f(pr["fisher"][best]),
+        "fisher_heldout": None if (best is None or "fisher_heldout" not in pr) else _f(pr["fisher_heldout"][best]),
         "n_test": fl_h["n_test"],
         "id_acc": None if best_id is None else _f(hid["accuracy"][best_id]), "id_chance": hid["chance"],
         "id_n": hid["n_test"], "n_layers_probed": len(res["layers"]),
@@ -829,8 +832,9 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
     def arm_stat(arm: str, key: str, setting: str | None = None) -> dict[str, Any]:
         us = by_arm.get(arm, [])
         if setting is None:
-            unbounded = key in ("log_loss", "fisher", "sel")
-            return _mean_ci([u[key] for u in us], bounds=None if unbounded else (0.0, 1.0))
+            bounds = (-1.0, 1.0) if key == "sel" else (0.0, math.inf) if key in ("log_loss", "fisher", "fisher_heldout") \
+                else (0.0, 1.0)
+            return _mean_ci([u[key] for u in us], bounds=bounds)
         vals = [(float(np.mean(u[setting][key])) if key == "harmful" else u[setting][key]) for u in us if setting in u]
         return _mean_ci(vals, bounds=(0.0, 1.0))
 
@@ -843,12 +847,13 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
             continue
         us = by_arm[a]
         best = sorted({u["best_layer"] for u in us if u["best_layer"] is not None})
-        stats = {k: arm_stat(a, k) for k in ("acc", "ctrl", "sel", "log_loss", "fisher", "id_acc", "ns_acc",
-                                              "cka_forbidden", "cka_lookalike")}
+        stats = {k: arm_stat(a, k) for k in ("acc", "ctrl", "sel", "log_loss", "fisher", "fisher_heldout", "id_acc",
+                                              "ns_acc", "cka_forbidden", "cka_lookalike")}
         for k, v in stats.items():
             metrics[f"probe/{k}/{a}"] = v
         probe_rows.append([a, len(us), ", ".join(map(str, best)) or "–", _fmt(stats["acc"]), _fmt(stats["ctrl"]),
                            _fmt(stats["sel"]), _fmt(stats["log_loss"]), _fmt(stats["fisher"], 1),
+                           _fmt(stats["fisher_heldout"], 1),
                            f"{_fmt(stats['id_acc'])} (chance {us[0]['id_chance']:.2f})",
                            f"{_fmt(stats['ns_acc'])} (chance {us[0]['ns_chance']:.2f})",
                            _fmt(stats["cka_forbidden"]), _fmt(stats["cka_lookalike"])])
@@ -882,8 +887,10 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
         if g:
             findings.append(f"{t}: selectivity gain over the base {_fmt(g, 3)}, of which held-out accuracy "
                             f"{_fmt(metrics.get(f'probe/accuracy_gain/{t}'), 3)} and the rest a change in control "
-                            f"accuracy (t intervals over seeds); Fisher ratio {_fmt(metrics.get(f'probe/fisher/{t}'), 1)} "
-                            f"vs base {_fmt(metrics.get('probe/fisher/base'), 1)}.")
+                            f"accuracy (t intervals over seeds); Fisher ratio at the best layer "
+                            f"{_fmt(metrics.get(f'probe/fisher/{t}'), 1)} vs base {_fmt(metrics.get('probe/fisher/base'), 1)} "
+                            f"over all hazards, {_fmt(metrics.get(f'probe/fisher_heldout/{t}'), 1)} vs "
+                            f"{_fmt(metrics.get('probe/fisher_heldout/base'), 1)} on held-out hazards alone.")
     for s, label in (("ablated", "after refusal-direction ablation"), ("attacked", "after the fine-tuning attack")):
         r = removal[s]
         if r.get("estimate") is not None:
@@ -910,7 +917,7 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
     tables = [
         Table(title="Probes at the best layer (held-out hazards)", columns=[
             "arm", "seeds", "best layer(s)", "forbidden vs look-alike accuracy", "control accuracy", "selectivity",
-            "log-loss", "Fisher ratio", "which hazard (template split)", "next step (held-out hazards)",
+            "log-loss", "Fisher ratio (all hazards)", "Fisher ratio (held-out hazards)", "which hazard (template split)", "next step (held-out hazards)",
             "CKA to base, forbidden", "CKA to base, look-alike"], rows=probe_rows,
             caption="Best layer: highest template-split selectivity on covered hazards; every other number at that "
                     "layer on held-out hazards (which-hazard: its own best layer, template split). Means over seeds "
@@ -927,7 +934,7 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
             "method", "seeds", "harmful_correct", "benign correct", "which hazard", "next step (held-out hazards)",
             "forbidden vs look-alike selectivity", "harmful_correct (attacked)", "benign correct (attacked)"],
             rows=unlearn_rows + ([["(base)", base_row[1], _fmt(metrics.get("behaviour/harmful/plain/base")),
-                                   _fmt(metrics.get("behaviour/benign/plain/base")), base_row[8], base_row[9],
+                                   _fmt(metrics.get("behaviour/benign/plain/base")), base_row[9], base_row[10],
                                    base_row[5], "–", "–"]] if base_row else []),
             caption="Unlearning applied to the base; the same probes and fine-tuning attack as the aligned arms."))
     if curves:
@@ -961,9 +968,11 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
         "second claim are our choices (the essay states none).",
     ]
     if config.organism_scale != "paper":
-        notes.append("Quick scale (the shared 15-minute reproduce budget): 3 seeds per treatment from one shared base, "
-                     "1,000 probe requests and 3 folds, 60 held-out-hazard requests, one run per unlearning method "
-                     "with 20 steps; paper scale uses the issue's sizes.")
+        notes.append(f"{config.organism_scale.capitalize()} scale (all studies share a 15-minute reproduce budget): "
+                     f"{config.organism_seeds} seeds per treatment, {config.n_probe} probe requests, "
+                     f"{config.probe_folds} folds, {config.control_draws} control draws, {config.n_eval} "
+                     f"held-out-hazard requests, {config.unlearn_seeds} run(s) per unlearning method; paper scale "
+                     "uses the issue's sizes (2,000 requests, 5 seeds, 5 folds, 5 control draws, 120 requests).")
     return Analysis(verdict=verdict, headline=headline, metrics=_jsonable(metrics), tables=tables, controls=controls,
                     contrast=contrast, findings=findings, setup_notes=notes)
 
@@ -1047,7 +1056,8 @@ def simulate(config: Config, effect: float, rng: np.random.Generator) -> list[di
                   "d_model": 0, "n_probe_rows": 0,
                   "probes": {"forbidden_vs_lookalike": {"template": fl_t, "hazard": fl_h},
                              "hazard_identity": {"template": hid}, "next_step": {"template": ns_t, "hazard": ns_h},
-                             "fisher": (10 * (shape + offset + 0.1)).tolist()},
+                             "fisher": (10 * (shape + offset + 0.1)).tolist(),
+                             "fisher_heldout": (5 * (shape + offset + 0.1)).tolist()},
                   "cka": ({"forbidden": [0.9] * n_layers, "lookalike": [0.95] * n_layers}
                           if role == "treatment" else None),
                   "ablation": None, "attack": None, "unlearning": None,
