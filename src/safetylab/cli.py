@@ -203,7 +203,9 @@ def reproduce_cmd(
     only: Optional[str] = typer.Option(None, help="Comma-separated studies to run (default: all)."),
     seed: Optional[int] = typer.Option(None, help="Master seed for every study."),
     executor: ExecutorOpt = typer.Option(ExecutorOpt.local, help="local process pool, or ray."),
-    workers: int = typer.Option(1, min=1, help="Parallel units per study."),
+    workers: Optional[int] = typer.Option(
+        None, min=1, help="Parallel units per study (default: one per core; every study runs its "
+                          "units on one thread, so a second process uses the second core)."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address."),
     out: Path = typer.Option(Path("runs"), help="Root folder for run folders."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache for trained organisms."),
@@ -236,6 +238,8 @@ def reproduce_cmd(
     chosen_studies = [get_study(n) for n in names]
     build_organisms([(st, resolve_config(st, scale=scale.value, seed=seed)) for st in chosen_studies],
                     cache_dir or default_cache_dir(), quiet=quiet, device=device)
+    if workers is None:
+        workers = (os.cpu_count() or 1) if executor == ExecutorOpt.local else 1
     run_dirs, failed = [], []
     for name in names:
         if not quiet:
