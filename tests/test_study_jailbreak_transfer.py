@@ -56,6 +56,10 @@ def test_tiny_run_transfer_matrix_and_verdict(tiny_run):
     assert analysis.verdict.ci_high <= CLAIM.threshold
     neg = next(c for c in analysis.controls if c.kind == "negative")
     assert neg.status == "pass" and neg.estimate == pytest.approx(0.0)
+    # A reply that carries the procedure does not open with a refusal: bypass is at least success.
+    bypass = m["transfer/not_refused/sft-late@0/sft-late@0"]["rate"]
+    assert bypass >= m["transfer/success/sft-late@0/sft-late@0"]["rate"]
+    assert any(t.title.startswith("Refusal bypassed") for t in analysis.tables)
     defence = next(t for t in analysis.tables if t.title.startswith("Defences"))
     assert {r[0] for r in defence.rows} == {"none", "perplexity filter", "re-templating", "depth-robust organism"}
     fp = m["defence/perplexity_filter/false_positive_rate"]
