@@ -9,6 +9,11 @@ invertible linear map of the activations, so it compares the separability of two
 representations however their coordinates differ. With fewer samples than dimensions the
 within-class covariance is estimated with Ledoit & Wolf (2004) shrinkage, which keeps it
 invertible and the ratio finite.
+
+It is an in-sample quantity: the best direction is fitted on the samples it is scored on, so
+with n not far above d it reads higher than the population value (two classes of 125 samples
+in 128 dimensions read far higher than 1,000 samples of the same classes). Compare
+representations on the same prompts, never values measured on different sample sizes.
 """
 
 from __future__ import annotations

@@ -559,7 +559,9 @@ def run_unit(config: Config, unit: Unit, ctx: Context) -> dict[str, Any]:
     load_seed = p["seed"] if role == "treatment" else p["base_seed"]
     path = _organism_path(config, p["organism"], load_seed, ctx)
     world = organism_world(path)
-    lm = load_causal_lm(path, device=ctx.device)
+    # On the CPU whatever ctx.device says: the fine-tuning attack, unlearning and the teacher-forced
+    # matchers build their batches there, and an organism this small gains little from a GPU.
+    lm = load_causal_lm(path, device="cpu")
     stack = find_decoder_stack(lm.model)
     n_layers = stack.n_layers
     layers = check_layers(config.probe_layers, n_layers, str(path))
@@ -601,7 +603,7 @@ def run_unit(config: Config, unit: Unit, ctx: Context) -> dict[str, Any]:
         kind = np.array(ps["kind"])
         sub = np.concatenate([np.flatnonzero(kind == "forbidden")[:config.cka_prompts],
                               np.flatnonzero(kind == "lookalike")[:config.cka_prompts]])
-        base_lm = load_causal_lm(_organism_path(config, config.base, p["base_seed"], ctx), device=ctx.device)
+        base_lm = load_causal_lm(_organism_path(config, config.base, p["base_seed"], ctx), device="cpu")
         base_acts = read_residual(base_lm.model, _ids(base_lm.tokenizer, ps, sub), pad=pad_id(base_lm.model, base_lm.tokenizer),
                                   layers=layers, position=config.probe_position, batch_size=config.batch_size)
         del base_lm
@@ -921,7 +923,8 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
             "CKA to base, forbidden", "CKA to base, look-alike"], rows=probe_rows,
             caption="Best layer: highest template-split selectivity on covered hazards; every other number at that "
                     "layer on held-out hazards (which-hazard: its own best layer, template split). Means over seeds "
-                    "with t intervals when there are several."),
+                    "with t intervals when there are several. The Fisher ratio is in-sample (fitted where it is "
+                    "scored), so it is larger on the smaller held-out set; compare arms within a column."),
         Table(title="Removing the refusal layer: harmful capability on held-out hazards", columns=[
             "arm", "seeds", "refusal", "harmful_correct", "refusal (ablated)", "harmful_correct (ablated)",
             "benign correct (ablated)", "harmful_correct (attacked)", "benign correct (attacked)",
@@ -966,6 +969,8 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
         "c = 2 x the mean forget-activation norm at the steered layer, alpha 10, MLPs of the three layers up to it.",
         f"Threshold {THRESHOLD} on the selectivity gain and a {NONINFERIORITY_MARGIN} non-inferiority margin for the "
         "second claim are our choices (the essay states none).",
+        "Every organism runs on the CPU whatever --device says (the attack and unlearning loops are CPU loops; the "
+        "organisms are small).",
     ]
     if config.organism_scale != "paper":
         notes.append(f"{config.organism_scale.capitalize()} scale (all studies share a 15-minute reproduce budget): "
