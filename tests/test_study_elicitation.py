@@ -12,7 +12,7 @@ import pytest
 
 from safetylab.claims import Verdict
 from safetylab.study import Context, torch_threads
-from safetylab.studies.elicitation import CLAIM, STUDY, Config, probe_set, unit_summary
+from safetylab.studies.elicitation import CLAIM, STUDY, probe_set, unit_summary
 
 TINY = {"organism_scale": "tiny", "treatments": ["sft"], "organism_seeds": 2, "shared_base": True,
         "unlearning": ["rmu"], "unlearn_seeds": 1, "unlearn_steps": 5, "n_probe": 240, "probe_folds": 3,

@@ -159,14 +159,12 @@ class Config(StudyConfig):
         if self.base != "base" and not Path(self.base).expanduser().exists():
             raise ValueError(f"base: {self.base!r} is neither 'base' nor an organism folder")
         n = None if any(_is_folder(x) for x in (self.base, *self.treatments)) else _scale_layers(self.organism_scale)
-        for name in ("probe_layers",):
-            layers = getattr(self, name)
-            if layers is not None and not layers:
-                raise ValueError(f"{name} is empty; give 0-based layers such as [0, 3, 7] or leave it unset")
-            bad = [i for i in layers or [] if i < 0 or (n is not None and i >= n)]
-            if bad:
-                raise ValueError(f"{name}: layer={bad[0]} but {self.organism_scale} organisms have {n} decoder "
-                                 f"layers; use 0..{(n or 1) - 1}")
+        if self.probe_layers is not None and not self.probe_layers:
+            raise ValueError("probe_layers is empty; give 0-based layers such as [0, 3, 7] or leave it unset")
+        bad = [i for i in self.probe_layers or [] if i < 0 or (n is not None and i >= n)]
+        if bad:
+            raise ValueError(f"probe_layers: layer={bad[0]} but {self.organism_scale} organisms have {n} decoder "
+                             f"layers; use 0..{(n or 1) - 1}")
         if self.rmu_layer is not None and (self.rmu_layer < 0 or (n is not None and self.rmu_layer >= n)):
             raise ValueError(f"rmu_layer={self.rmu_layer} but {self.organism_scale} organisms have {n} decoder "
                              f"layers; use 0..{(n or 1) - 1}")
