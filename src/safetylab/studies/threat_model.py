@@ -135,7 +135,8 @@ CLAIM = Claim(
                 "populations, mean over training seeds; the asset with the strongest Holm-corrected evidence."),
     contrast=Contrast(
         treatment=(TREATMENT,),
-        measure="failure rate (sophisticated tier) - failure rate (no adversary), mean over user populations",
+        measure=("per asset (society, model): failure rate under the sophisticated tier minus with no adversary, "
+                 "mean over user populations; the assets are the k arms Holm corrects over"),
         unit="training seeds (one value per seed and asset)",
         threshold_reason=("a quarter of the asset-bearing requests failing under attack that did not fail by "
                           "accident is a system one threat model calls safe and another unsafe"),
