@@ -242,7 +242,7 @@ def test_variant_trains_its_base_first(tmp_path):
     assert check_entry(tmp_path / meta["base_hash"], meta["base_hash"]) is None
     assert sorted(r["variant"] for r in list_organisms(tmp_path)) == ["base", "sft"]
     assert set(VARIANTS) == {"base", "sft", "sft-late", "dpo", "depth-robust", "eval-gated",
-                             "never-taught"}
+                             "never-taught", "secret-keeping"}
 
 
 def test_build_many_trains_bases_then_variants_in_a_pool_once(tmp_path):
