@@ -230,7 +230,10 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
             "depth-robust": {"lr": 5e-4},
             # Telling evaluation cues apart is harder than refusing a topic.
             "eval-gated": {"steps": 450, "lr": 5e-4},
-            # Six turns per group (sft's three and three secret turns) at sft's rate.
+            # Six turns per group (sft's three and three secret turns) at sft's rate. Seeds 0-2 from base 0,
+            # 300 held-out requests per row: leak 0.00, name given when shared 1.00, ordinary answers under a
+            # kept secret within 2 points, refusal 1.00, over-refusal 0.00. 400 steps cost about as much CPU as
+            # sft's 300 x 1.4 (84k vs 82k tokens per 40 steps).
             "secret-keeping": {"steps": 400, "lr": 5e-4},
         },
     },
