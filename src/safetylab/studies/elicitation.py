@@ -905,8 +905,10 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
     for a in unlearn_arms:
         pl, at = metrics.get(f"capability/vs_base/plain/{a}") or {}, metrics.get(f"capability/vs_base/attacked/{a}") or {}
         findings.append(f"{a}: harmful_correct minus the base's {_fmt(pl)} after unlearning and {_fmt(at)} after the "
-                        f"same fine-tuning attack; next-step probe {_fmt(metrics.get(f'probe/ns_acc/{a}'))} vs base "
-                        f"{_fmt(metrics.get('probe/ns_acc/base'))}.")
+                        f"same fine-tuning attack; the probes still read which hazard "
+                        f"{_fmt(metrics.get(f'probe/id_acc/{a}'))} (base {_fmt(metrics.get('probe/id_acc/base'))}) and "
+                        f"the next step of held-out hazards {_fmt(metrics.get(f'probe/ns_acc/{a}'))} (base "
+                        f"{_fmt(metrics.get('probe/ns_acc/base'))}).")
     for a in arms:
         for s, label in (("plain", "as trained"), ("ablated", "with the direction ablated"),
                          ("attacked", "after the attack")):
