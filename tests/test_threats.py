@@ -113,3 +113,17 @@ def test_old_folders_load_with_a_note_and_bad_ones_are_one_line(runs, tmp_path, 
 def test_combined_report_shows_the_grid(runs, tmp_path):
     page = render_combined([runs / "shield" / "20250102-030405-a"], tmp_path / "reproduce", "quick").read_text()
     assert "id='threats'" in page and "Protecting the model from users" in page and page.count(">silent<") == 35
+
+
+def test_a_study_whose_threat_model_names_an_unknown_tier_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "badtier_study.py").write_text(
+        "import dataclasses\n"
+        "from safetylab.claims import ThreatModel\n"
+        "from safetylab.studies.shield import STUDY as _S\n"
+        "TM = ThreatModel(deployer='d', adversary='a', access='black-box', budget='b', protected='p',\n"
+        "                 users=('public',), tiers=('nation-state',), assets=('users',))\n"
+        "STUDY = dataclasses.replace(_S, name='badtier', threat_model=TM)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SAFETYLAB_STUDIES", "badtier=badtier_study")
+    code, out, err = run_cli(["describe", "badtier"], capsys)
+    assert code == 2 and "tiers" in err and "badtier" in err and len(err.strip().splitlines()) == 1

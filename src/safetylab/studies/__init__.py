@@ -8,7 +8,9 @@ import importlib.metadata
 import importlib.util
 import os
 
-from safetylab.errors import UserError
+from pydantic import ValidationError
+
+from safetylab.errors import UserError, pydantic_one_line
 from safetylab.study import Study
 
 # Order is the order of ``safetylab reproduce`` and ``safetylab list``.
@@ -59,5 +61,8 @@ def get_study(name: str) -> Study:
     names = available()
     if name not in names:
         raise UserError(f"unknown study '{name}'; choose one of: {', '.join(names)} (see 'safetylab list')")
-    module = importlib.import_module(_registry()[name])
+    try:
+        module = importlib.import_module(_registry()[name])
+    except ValidationError as exc:  # e.g. a THREAT_MODEL naming a tier, population or asset the taxonomy lacks
+        raise UserError(pydantic_one_line(exc, where=f"study '{name}' ({_registry()[name]})")) from None
     return module.STUDY
