@@ -230,14 +230,21 @@ def _spec(name: str) -> tuple[str, int]:
     return kind, int(seed)
 
 
+def _organism_request(config: Config, name: str) -> Any:
+    from safetylab.organisms.cache import OrganismRequest
+
+    kind, seed = _spec(name)
+    return OrganismRequest("sft" if kind == "sft-small" else kind, config.organism_scale, seed=seed,
+                           base_seed=config.organism_seed if config.shared_base else None,
+                           overrides=config.small_overrides if kind == "sft-small" else None)
+
+
 def _organism_path(config: Config, name: str, ctx: Context) -> Path:
     from safetylab.organisms import get_organism
 
-    kind, seed = _spec(name)
-    variant = "sft" if kind == "sft-small" else kind
-    base = config.organism_seed if config.shared_base else None
-    return get_organism(variant, scale=config.organism_scale, cache_dir=Path(ctx.cache_dir) / "organisms", seed=seed,
-                        base_seed=base, quiet=ctx.quiet, overrides=config.small_overrides if kind == "sft-small" else None)
+    r = _organism_request(config, name)
+    return get_organism(r.variant, scale=r.scale, cache_dir=Path(ctx.cache_dir) / "organisms", seed=r.seed,
+                        base_seed=r.base_seed, quiet=ctx.quiet, overrides=r.overrides)
 
 
 def _load(config: Config, name: str, ctx: Context) -> Any:
@@ -295,6 +302,11 @@ def _filter_scores(target: Any, messages: list[str], config: Config) -> list[flo
 
 
 # --------------------------------------------------------------------------- the study
+def organisms(config: Config) -> list[Any]:
+    """Every source and target organism (the runner pre-trains the missing ones in a pool)."""
+    return [_organism_request(config, n) for n in dict.fromkeys(config.source_names() + config.target_names())]
+
+
 def prepare(config: Config, ctx: Context) -> None:
     """Train/cache every organism once before any unit runs."""
     for name in dict.fromkeys(config.source_names() + config.target_names()):
@@ -870,6 +882,7 @@ STUDY = Study(
     analyze=analyze,
     plots=plots,
     prepare=prepare,
+    organisms=organisms,
     simulate=simulate,
     calibration=Calibration(
         null_effect=THRESHOLD, alternative_effect=0.5, power=0.8,
