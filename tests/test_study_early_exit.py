@@ -26,20 +26,9 @@ TINY = {"organism_scale": "tiny", "models": ["base", "sft", "sft-late", "depth-r
 def tiny_run(tmp_path_factory):
     """Prepare + every unit + analysis of a tiny sweep. Organisms come from the test
     session's shared tiny-organism cache (trained once for all organism tests)."""
-    from organism_fixtures import tiny_cache_dir
+    from organism_fixtures import run_tiny_study
 
-    tmp = tmp_path_factory.mktemp("early_exit")
-    (tmp / "cache").mkdir()
-    (tmp / "cache" / "organisms").symlink_to(tiny_cache_dir(), target_is_directory=True)
-    with torch_threads(1):
-        config = STUDY.resolve_config("quick", TINY)
-        ctx = Context(run_dir=tmp, seed=0, cache_dir=tmp / "cache")
-        STUDY.prepare(config, ctx)
-        records = []
-        for unit in STUDY.units(config):
-            result = STUDY.run_unit(config, unit, ctx)
-            records.append({"key": unit.key, "params": unit.params, "result": json.loads(json.dumps(result))})
-    return config, ctx, records, STUDY.analyze(config, records)
+    return run_tiny_study(STUDY, TINY, tmp_path_factory.mktemp("early_exit"))
 
 
 def _by(records, model, seed=0):

@@ -5,13 +5,12 @@ direction both ways, layer selection on a separate split, bad input; and its two
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
 
 from safetylab.claims import Verdict
-from safetylab.study import Context, torch_threads
+from safetylab.study import torch_threads
 from safetylab.studies.elicitation import CLAIM, STUDY, probe_set, unit_summary
 
 TINY = {"organism_scale": "tiny", "treatments": ["sft"], "organism_seeds": 2, "shared_base": True,
@@ -23,18 +22,10 @@ TINY = {"organism_scale": "tiny", "treatments": ["sft"], "organism_seeds": 2, "s
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Every unit of a tiny run, on the test session's shared tiny organisms."""
-    from organism_fixtures import tiny_cache_dir
+    from organism_fixtures import run_tiny_study
 
-    tmp = tmp_path_factory.mktemp("elicitation")
-    (tmp / "cache").mkdir()
-    (tmp / "cache" / "organisms").symlink_to(tiny_cache_dir(), target_is_directory=True)
-    with torch_threads(1):
-        config = STUDY.resolve_config("quick", TINY)
-        ctx = Context(run_dir=tmp, seed=0, cache_dir=tmp / "cache")
-        STUDY.prepare(config, ctx)
-        records = [{"key": u.key, "params": u.params, "result": json.loads(json.dumps(STUDY.run_unit(config, u, ctx)))}
-                   for u in STUDY.units(config)]
-    return config, records, STUDY.analyze(config, records)
+    config, _, records, analysis = run_tiny_study(STUDY, TINY, tmp_path_factory.mktemp("elicitation"))
+    return config, records, analysis
 
 
 def test_units_probes_and_controls_on_tiny_organisms(tiny_run, tmp_path) -> None:

@@ -23,18 +23,10 @@ TINY = {"organism_scale": "tiny", "source_variant": "sft-late", "source_seeds": 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from organism_fixtures import tiny_cache_dir
+    from organism_fixtures import run_tiny_study
 
-    tmp = tmp_path_factory.mktemp("jailbreak_transfer")
-    (tmp / "cache").mkdir()
-    (tmp / "cache" / "organisms").symlink_to(tiny_cache_dir(), target_is_directory=True)
-    with torch_threads(1):
-        config = STUDY.resolve_config("quick", TINY)
-        ctx = Context(run_dir=tmp, seed=0, cache_dir=tmp / "cache")
-        STUDY.prepare(config, ctx)
-        records = [{"key": u.key, "params": u.params,
-                    "result": json.loads(json.dumps(STUDY.run_unit(config, u, ctx)))} for u in STUDY.units(config)]
-    return config, records, STUDY.analyze(config, records)
+    config, _, records, analysis = run_tiny_study(STUDY, TINY, tmp_path_factory.mktemp("jailbreak_transfer"))
+    return config, records, analysis
 
 
 def test_tiny_run_transfer_matrix_and_verdict(tiny_run):

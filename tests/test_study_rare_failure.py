@@ -3,7 +3,6 @@ decision rule both ways on simulated records, and bad input."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -13,7 +12,7 @@ from pydantic import ValidationError
 
 from cli_fixtures import run_cli
 from safetylab.claims import Verdict
-from safetylab.study import Context, torch_threads
+from safetylab.study import torch_threads
 from safetylab.studies.rare_failure import CLAIM, STUDY, Config, refusal_probabilities
 
 TINY = {"organism_scale": "tiny", "organism_seeds": 2, "n_population": 200, "mc_draws": 500, "is_draws": 200,
@@ -25,18 +24,9 @@ TINY = {"organism_scale": "tiny", "organism_seeds": 2, "n_population": 200, "mc_
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Every unit of a tiny run; organisms from the test session's shared tiny cache."""
-    from organism_fixtures import tiny_cache_dir
+    from organism_fixtures import run_tiny_study
 
-    tmp = tmp_path_factory.mktemp("rare_failure")
-    (tmp / "cache").mkdir()
-    (tmp / "cache" / "organisms").symlink_to(tiny_cache_dir(), target_is_directory=True)
-    with torch_threads(1):
-        config = STUDY.resolve_config("quick", TINY)
-        ctx = Context(run_dir=tmp, seed=0, cache_dir=tmp / "cache")
-        STUDY.prepare(config, ctx)
-        records = [{"key": u.key, "params": u.params,
-                    "result": json.loads(json.dumps(STUDY.run_unit(config, u, ctx)))} for u in STUDY.units(config)]
-    return config, ctx, records, STUDY.analyze(config, records)
+    return run_tiny_study(STUDY, TINY, tmp_path_factory.mktemp("rare_failure"))
 
 
 def test_units_and_exact_probabilities(tiny_run):

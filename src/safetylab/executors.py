@@ -29,14 +29,14 @@ def _threads_per_worker(workers: int) -> int:
 def _run_in_worker(study_name: str, config_json: str, unit: Unit, ctx: Context, index: int, threads: int) -> Record:
     """Entry point inside a worker process: re-import the study by name (modules,
     not closures, cross process boundaries) and run one unit."""
-    import torch
-
     from safetylab.studies import get_study
 
     study = get_study(study_name)
-    torch.set_num_threads(study.unit_threads or threads)
     config = study.config_cls.model_validate_json(config_json)
-    return execute_unit(study, config, unit, ctx, index)
+    # torch's threads and the BLAS/OpenMP pools numpy and scikit-learn use: a worker that
+    # left BLAS at one thread per core would oversubscribe the cores the other workers use.
+    with torch_threads(study.unit_threads or threads):
+        return execute_unit(study, config, unit, ctx, index)
 
 
 class SerialExecutor:

@@ -280,10 +280,11 @@ def build_many(
 
     Organisms this small train faster as several one-thread processes than as one
     process with every core (their matrices are too small to spread over threads), so
-    what is missing is trained in two waves -- the from-scratch organisms (bases,
-    ``never-taught``) and then the variants fine-tuned from them -- each over a pool of
-    ``workers`` processes, with the cores split between the organisms of a wave. The
-    cache's per-entry lock keeps a concurrent study from training the same one twice.
+    what is missing is trained over a pool of ``workers`` one-thread processes: the
+    from-scratch organisms (bases, ``never-taught``) first, longest first, and each variant
+    as soon as its own base is ready. With one worker, or one organism missing, it trains
+    in this process on every core. The cache's per-entry lock keeps a concurrent study from
+    training the same one twice.
 
     Args:
         requests: organisms as a study's ``organisms(config)`` declares them.
@@ -308,27 +309,46 @@ def build_many(
             by_hash.setdefault(config_hash(c.base_config()), c.base_config())
         by_hash.setdefault(config_hash(c), c)
     missing = {h: c for h, c in by_hash.items() if check_entry(cache_dir / h, h) is not None}
-    waves = [[c for c in missing.values() if c.variant in FROM_SCRATCH],
-             [c for c in missing.values() if c.variant not in FROM_SCRATCH]]
     cores = os.cpu_count() or 1
     workers = cores if workers is None else max(1, workers)
     if device != "cpu":
         workers = 1
-    if missing:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with bar(f"training {len(missing)} organisms ({min(workers, len(missing))} at a time)",
-                 len(missing), quiet=quiet) as advance:
-            for wave in filter(None, waves):
-                n = min(workers, len(wave))
-                threads = max(1, cores // n)
-                if n == 1:
-                    for c in wave:
-                        build(c, cache_dir, quiet=quiet, num_threads=threads, device=device)
-                        advance(1)
-                    continue
-                with cf.ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
-                    futures = [pool.submit(_build_one, c, cache_dir, threads, device) for c in wave]
-                    for f in cf.as_completed(futures):
-                        f.result()
-                        advance(1)
+    n = min(workers, len(missing))
+    if not missing:
+        return [cache_dir / config_hash(c) for c in configs]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def waiting_on(c: OrganismConfig) -> str | None:
+        """The missing base a variant must wait for (None: it can start now)."""
+        if c.variant in FROM_SCRATCH:
+            return None
+        h = config_hash(c.base_config())
+        return h if h in missing else None
+
+    def cost(c: OrganismConfig) -> tuple[bool, int]:
+        """Longest first: from-scratch stages unblock their variants and take the longest."""
+        t = c.base_train if c.variant in FROM_SCRATCH else c.variant_train
+        return (c.variant in FROM_SCRATCH, t.steps * t.batch_size * c.model.n_layers * c.model.d_model)
+
+    with bar(f"training {len(missing)} organisms ({n} at a time)", len(missing), quiet=quiet) as advance:
+        if n == 1:  # one process with every core; bases come first
+            for c in sorted(missing.values(), key=cost, reverse=True):
+                build(c, cache_dir, quiet=quiet, num_threads=None if device != "cpu" else cores, device=device)
+                advance(1)
+            return [cache_dir / config_hash(c) for c in configs]
+        # A variant starts as soon as its own base is trained, not when every base is.
+        threads = max(1, cores // n)
+        todo = dict(missing)
+        with cf.ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
+            running: dict[Any, str] = {}
+            while todo or running:
+                ready = sorted((h for h, c in todo.items() if waiting_on(c) is None),
+                               key=lambda h: cost(todo[h]), reverse=True)
+                for h in ready[: n - len(running)]:
+                    running[pool.submit(_build_one, todo.pop(h), cache_dir, threads, device)] = h
+                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    f.result()
+                    missing.pop(running.pop(f))
+                    advance(1)
     return [cache_dir / config_hash(c) for c in configs]
