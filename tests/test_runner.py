@@ -157,3 +157,32 @@ def test_threats_grid_covers_finished_runs(reference_run):
     assert ev and ev[0]["verdict"] == json.loads((reference_run / "summary.json").read_text())["verdict"]["verdict"]
     assert cells[("enterprise", "sophisticated", "users")]["silent"]  # no run speaks to a resourced attacker
     assert ["enterprise", "sophisticated", "users"] in cov["silent_cells"] and not cov["flagged"]
+
+
+def test_pool_worker_caps_blas_threads_as_well_as_torch(tmp_path, monkeypatch):
+    """A unit pinned to one thread must get one BLAS/OpenMP thread in a pool worker too:
+    scikit-learn probes on default BLAS pools oversubscribed the cores other workers use."""
+    from safetylab.executors import _run_in_worker
+    from safetylab.study import Context, Unit
+
+    (tmp_path / "blasprobe_study.py").write_text(
+        "import dataclasses\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from safetylab.studies.shield import STUDY as _S\n"
+        "def run_unit(config, unit, ctx):\n"
+        "    import torch\n"
+        "    return {'torch': torch.get_num_threads(),\n"
+        "            'pools': {p['internal_api']: p['num_threads'] for p in threadpool_info()}}\n"
+        "STUDY = dataclasses.replace(_S, name='blasprobe', run_unit=run_unit, unit_threads=1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SAFETYLAB_STUDIES", "blasprobe=blasprobe_study")
+    from safetylab.studies import get_study
+
+    study = get_study("blasprobe")
+    config = study.resolve_config("quick", TINY)
+    ctx = Context(run_dir=tmp_path, seed=0, cache_dir=tmp_path / "cache")
+    rec = _run_in_worker("blasprobe", config.model_dump_json(), Unit("u"), ctx, 0, threads=2)
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["result"]["torch"] == 1
+    assert rec["result"]["pools"] and set(rec["result"]["pools"].values()) == {1}, rec["result"]
