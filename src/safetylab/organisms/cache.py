@@ -262,6 +262,11 @@ class OrganismRequest:
 
             raise UserError(pydantic_one_line(exc, where="organism config")) from None
 
+    def path(self, cache_dir: Path | None = None, *, quiet: bool = True) -> Path:
+        """Its cache folder, trained first (with its base) if the cache lacks it."""
+        return get_organism(self.variant, self.scale, cache_dir=cache_dir, seed=self.seed,
+                            base_seed=self.base_seed, quiet=quiet, overrides=self.overrides)
+
 
 def _build_one(config: OrganismConfig, cache_dir: Path, num_threads: int, device: str) -> str:
     """Pool worker: one organism whose base (if any) is already cached."""

@@ -291,11 +291,15 @@ def model_depths(config: Config, n_layers: int) -> list[int]:
     return sorted(set(config.depths) | {n_layers})
 
 
-def _organism_path(config: Config, variant: str, seed: int, ctx: Context) -> Path:
-    from safetylab.organisms import get_organism
+def _organism_request(config: Config, variant: str, seed: int) -> Any:
+    from safetylab.organisms.cache import OrganismRequest
 
-    return get_organism(variant, scale=config.organism_scale, cache_dir=Path(ctx.cache_dir) / "organisms",
-                        seed=seed, base_seed=config.organism_seed if config.shared_base else None, quiet=ctx.quiet)
+    return OrganismRequest(variant, config.organism_scale, seed=seed,
+                           base_seed=config.organism_seed if config.shared_base else None)
+
+
+def _organism_path(config: Config, variant: str, seed: int, ctx: Context) -> Path:
+    return _organism_request(config, variant, seed).path(Path(ctx.cache_dir) / "organisms", quiet=ctx.quiet)
 
 
 def _refusal_first_tokens(tokenizer: Any, is_organism: bool) -> list[int]:
@@ -348,10 +352,7 @@ def _prompt_set(config: Config, model_name: str, organism_path: Path | None, see
 # --------------------------------------------------------------------------- the study
 def organisms(config: Config) -> list[Any]:
     """Every organism (variant x training seed) the units load."""
-    from safetylab.organisms.cache import OrganismRequest
-
-    return [OrganismRequest(m, config.organism_scale, seed=s,
-                            base_seed=config.organism_seed if config.shared_base else None)
+    return [_organism_request(config, m, s)
             for m in config.models if m in ORGANISM_VARIANTS for s in config.seeds_of(m)]
 
 

@@ -240,11 +240,7 @@ def _organism_request(config: Config, name: str) -> Any:
 
 
 def _organism_path(config: Config, name: str, ctx: Context) -> Path:
-    from safetylab.organisms import get_organism
-
-    r = _organism_request(config, name)
-    return get_organism(r.variant, scale=r.scale, cache_dir=Path(ctx.cache_dir) / "organisms", seed=r.seed,
-                        base_seed=r.base_seed, quiet=ctx.quiet, overrides=r.overrides)
+    return _organism_request(config, name).path(Path(ctx.cache_dir) / "organisms", quiet=ctx.quiet)
 
 
 def _load(config: Config, name: str, ctx: Context) -> Any:

@@ -512,11 +512,7 @@ def _organism_request(config: Config, variant: str, seed: int) -> Any:
 
 
 def _organism_path(config: Config, variant: str, seed: int, ctx: Context) -> Path:
-    from safetylab.organisms import get_organism
-
-    r = _organism_request(config, variant, seed)
-    return get_organism(r.variant, scale=r.scale, cache_dir=Path(ctx.cache_dir) / "organisms", seed=r.seed,
-                        base_seed=r.base_seed, quiet=ctx.quiet)
+    return _organism_request(config, variant, seed).path(Path(ctx.cache_dir) / "organisms", quiet=ctx.quiet)
 
 
 def _attack_organism(config: Config, target: Any, world: Any, rng: np.random.Generator, seed: int) -> dict[str, Any]:
