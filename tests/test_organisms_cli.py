@@ -111,6 +111,17 @@ def test_eval_exits_1_when_a_bar_fails_on_any_seed(monkeypatch):
     assert res.exit_code == 1 and json.loads(res.stdout)["bars"][0]["pass"] is False
 
 
+def test_eval_of_several_variants_fine_tunes_each_from_the_shared_base():
+    """--variant base,sft --base-seed 0: the base keeps its own seed, sft is tuned from base 0."""
+    res = _invoke("eval", "--variant", "base,sft", "--seeds", "0", "--base-seed", "0", "--scale", "tiny",
+                  "--cache-dir", str(tiny_cache_dir()), "--n", "30", "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [g["variant"] for g in out["spread"]] == ["base", "sft"]
+    assert [r["hash"] for r in out["organisms"]] == [tiny_organism("base").name, tiny_organism("sft").name]
+    assert [r["base_seed"] for r in out["organisms"]] == [None, 0]
+
+
 def test_eval_of_several_folders_groups_bars_by_variant():
     base, sft = tiny_organism("base"), tiny_organism("sft")
     res = _invoke("eval", str(base), str(sft), "--n", "30", "--json")
@@ -173,6 +184,8 @@ def test_a_folder_that_is_not_an_organism_is_rejected(tmp_path):
         (["--variant", "sft", "--seeds", "zero"], "use comma-separated training seeds"),
         (["--variant", "rlhf", "--seeds", "0,1"], "unknown organism variant 'rlhf'"),
         (["--variant", "never-taught", "--base-seed", "0"], "trained from scratch"),
+        (["--variant", "sft,rlhf"], "unknown organism variant 'rlhf'"),
+        (["--variant", "sft,dpo,sft"], "sft is repeated"),
         (["NOT_AN_ORGANISM"], "is not a complete organism"),
     ],
 )

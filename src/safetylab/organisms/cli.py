@@ -248,26 +248,33 @@ def _seed_label(seed: int, base_seed: int | None) -> str:
 
 def _print_spread(results: list[dict[str, Any]], groups: list[dict[str, Any]], split: str,
                   n: int) -> None:
-    """One table per variant: each bar per training seed, then mean, min and max."""
+    """One table per variant: a row per training seed, a column per bar, then mean, min and
+    max rows (a row per seed keeps five or ten seeds inside 80 columns)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table as RichTable
 
     con = Console()
     for g in groups:
         k = len(g["training_seeds"])
+        # One base for every seed (quick studies): say so once in the title, not per row.
+        bases = {b for b in g["base_seeds"] if b is not None}
+        one_base = len(bases) == 1 and None not in g["base_seeds"]
+        shared = f", fine-tuned from base seed {next(iter(bases))}" if one_base else ""
         t = RichTable(title=f"{g['variant']} ({g['scale']}) — quality bars over {k} training "
-                            f"seed{'s' if k > 1 else ''}, {split} templates, n={n}")
-        t.add_column("bar")
-        t.add_column("needed")
-        for s, bs in zip(g["training_seeds"], g["base_seeds"]):
-            t.add_column(_seed_label(s, bs), justify="right")
-        for col in ("mean", "min", "max"):
-            t.add_column(col, justify="right")
-        for row in g["bars"]:
-            cells = ["—" if v is None else f"{v:.3f}" + ("" if ok else " NO")
-                     for v, ok in zip(row["values"], row["pass"])]
-            t.add_row(row["bar"], f"{row['op']} {row['threshold']}", *cells,
-                      f"{row['mean']:.3f}", f"{row['min']:.3f}", f"{row['max']:.3f}")
+                            f"seed{'s' if k > 1 else ''}{shared}, {split} templates, n={n}",
+                      box=box.SIMPLE_HEAD)
+        t.add_column("seed", no_wrap=True)
+        for row in g["bars"]:  # long bar names fold rather than hide behind an ellipsis
+            t.add_column(f"{row['bar']} {row['op']} {row['threshold']}", justify="right", overflow="fold")
+        for i, (s, bs) in enumerate(zip(g["training_seeds"], g["base_seeds"])):
+            cells = ["—" if row["values"][i] is None
+                     else f"{row['values'][i]:.3f}" + ("" if row["pass"][i] else " NO")
+                     for row in g["bars"]]
+            t.add_row(str(s) if one_base else _seed_label(s, bs), *cells)
+        for stat in ("mean", "min", "max"):
+            t.add_row(stat, *[f"{row[stat]:.3f}" for row in g["bars"]],
+                      end_section=stat == "max", style="dim" if stat != "mean" else None)
         con.print(t)
     for r in results:
         note = ("  (base not in this cache: benign_correct drop not checked)"
@@ -289,13 +296,15 @@ def eval_cmd(
     paths: Optional[list[Path]] = typer.Argument(
         None, help="Organism folders (printed by 'organism train' / 'organism list'); or use --variant."),
     variant: Optional[str] = typer.Option(
-        None, help="Evaluate this variant over --seeds instead of folders (trains any that are missing)."),
+        None, help="Evaluate this variant over --seeds instead of folders (trains any that are missing); "
+                   "several comma-separated (sft,dpo), or 'all' for every variant."),
     seeds: Optional[str] = typer.Option(
         None, help="Training seeds with --variant, comma-separated (default 0), e.g. 0,1,2."),
     scale: Optional[str] = typer.Option(None, help="Scale with --variant: tiny, quick (default) or paper."),
     base_seed: Optional[int] = typer.Option(
         None, help="With --variant: fine-tune every seed from the base of this seed (quick-scale "
-                   "studies use 0); default: each seed its own base."),
+                   "studies use 0); default: each seed its own base. Variants trained from "
+                   "scratch (base, never-taught) in a list keep their own seeds."),
     cache_dir: Optional[Path] = typer.Option(
         None, help="Organism cache with --variant (default ~/.cache/safetylab/organisms)."),
     n: int = typer.Option(300, help="Requests per row (hundreds, so a 97% bar means something)."),
@@ -310,9 +319,10 @@ def eval_cmd(
 ) -> None:
     """Grade organisms on fresh requests from their world and check the quality bars.
 
-    One folder: every metric and the bars. Several folders, or --variant with --seeds: each
-    bar per training seed and its mean, min and max across seeds. Exit code 1 when any
-    bar fails, so scripts can gate on it.
+    One folder: every metric and the bars. Several folders, or --variant with --seeds: a
+    table per variant with each bar per training seed and its mean, min and max across
+    seeds (``--variant all --seeds 0,1,2,3,4 --base-seed 0`` checks every organism the quick
+    studies use). Exit code 1 when any bar fails, so scripts can gate on it.
     """
     from safetylab.organisms.cache import load_meta
 
@@ -347,15 +357,21 @@ def eval_cmd(
         from safetylab.organisms.cache import get_organism
         from safetylab.organisms.train import FROM_SCRATCH, SCALES, VARIANTS
 
-        if variant not in VARIANTS:
-            raise UserError(f"unknown organism variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        names = list(VARIANTS) if variant.strip() == "all" else [v.strip() for v in variant.split(",")]
+        for v in names:
+            if v not in VARIANTS:
+                raise UserError(f"unknown organism variant {v!r}; choose from {', '.join(VARIANTS)}, "
+                                f"several comma-separated, or all")
+        repeated = sorted({v for v in names if names.count(v) > 1})
+        if repeated:
+            raise UserError(f"--variant={variant}: {', '.join(repeated)} is repeated; list each variant once")
         scale = scale or "quick"
         if scale not in SCALES:
             raise UserError(f"unknown organism scale {scale!r}; choose from {', '.join(SCALES)}")
         seed_list = _parse_seeds(seeds) if seeds is not None else [0]
         if base_seed is not None and base_seed < 0:
             raise UserError(f"--base-seed={base_seed} is negative; training seeds are integers >= 0")
-        if base_seed is not None and variant in FROM_SCRATCH:
+        if base_seed is not None and all(v in FROM_SCRATCH for v in names):
             raise UserError(f"--base-seed picks the base a variant is fine-tuned from; drop it for "
                             f"--variant {variant}, which is trained from scratch (--seeds are its own seeds)")
         if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
@@ -364,8 +380,10 @@ def eval_cmd(
             from safetylab.progress import log_to_stdout
 
             log_to_stdout()
-        paths = [get_organism(variant, scale, cache_dir=cache_dir, seed=s, base_seed=base_seed,
-                              quiet=quiet, num_threads=threads, device=device) for s in seed_list]
+        paths = [get_organism(v, scale, cache_dir=cache_dir, seed=s,
+                              base_seed=None if v in FROM_SCRATCH else base_seed,
+                              quiet=quiet, num_threads=threads, device=device)
+                 for v in names for s in seed_list]
         metas = [load_meta(p) for p in paths]
     else:
         raise UserError("name organism folders, or --variant V with --seeds 0,1,2; "
