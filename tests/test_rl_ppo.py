@@ -102,13 +102,18 @@ def test_batched_ppo_learns_and_shield_hides_the_hazard():
     assert np.mean(np.asarray(ev_off["hazard_steps"]) > 0) > 0.5
 
 
-def test_sb3_trains_through_the_wrapper_and_stores_its_own_proposal():
+def test_sb3_trains_through_the_wrapper_and_stores_its_own_proposal(tmp_path, monkeypatch):
+    import tempfile
+
     from safetylab.rl.sb3 import sb3_act_fn, train_sb3
 
     nav = NavConfig(clearance=0.02)
     shield = CBFShield(margin=0.02)
     ppo = PPOConfig(rollout_steps=1024, n_epochs=2)
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     model, stats = train_sb3(nav, 0, 2048, ppo, shield=shield)
+    assert not list(tmp_path.glob("SB3-*"))  # SB3's default logger leaves an SB3-<time> folder
     assert stats["hazard_steps"] == 0 and stats["interventions"] > 0
     assert len(stats["curves"]) == 2 and stats["episodes"] > 0
     ev = evaluate_policies(nav, sb3_act_fn([model]), 1, list(range(4)), shield=shield)

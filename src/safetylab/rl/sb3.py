@@ -91,6 +91,7 @@ def train_sb3(
         ``hazard_episodes``, ``episodes``, ``interventions``).
     """
     from stable_baselines3 import PPO
+    from stable_baselines3.common.logger import Logger
 
     ppo = ppo if ppo is not None else PPOConfig()
     prob = None if shield_prob is None else (lambda steps: shield_prob(steps / total_steps))
@@ -113,6 +114,9 @@ def train_sb3(
         device="cpu",
         verbose=0,
     )
+    # SB3's default logger makes an empty tempdir/SB3-<time> folder on every learn(), even at
+    # verbose=0: one per seed and arm, left behind by every run. A logger with no outputs writes nothing.
+    model.set_logger(Logger(folder=None, output_formats=[]))
     model.learn(total_timesteps=total_steps)
     return model, episode_stats(env, ppo.rollout_steps, total_steps)
 
