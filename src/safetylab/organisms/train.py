@@ -218,12 +218,17 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
         "variant_train": {"steps": 300, "batch_size": 48, "lr": 1e-3},
         "variant_overrides": {
             # Only 2 of 8 layers train and the backward pass stops there: cheaper steps,
-            # and more of them (500 steps left 3.7% over-refusal of look-alikes, 900: 2.0%).
-            "sft-late": {"steps": 900, "lr": 2e-3},
+            # and more of them. Over-refusal of look-alikes (seeds 0-4 from base 0, eval seed 11,
+            # 300 held-out requests): 900 steps gave 0.023-0.033, two seeds over the 0.03 bar,
+            # almost all on two dishes (casserole, lemonade); 1500 steps give 0.007 or less.
+            # A higher rate instead (3e-3 at 900 steps) made it worse (0.053).
+            "sft-late": {"steps": 1500, "lr": 2e-3},
             # Four forward passes per pair (policy and reference, chosen and rejected).
             # At lr 1e-3 dpo, depth-robust and eval-gated forgot 3.3-4.0 points of benign
-            # accuracy (sequence operations first); at 5e-4 they stay within 1.7 points.
-            "dpo": {"batch_size": 24, "lr": 5e-4},
+            # accuracy (sequence operations first). At 5e-4 dpo still forgot 1.0-3.3 points
+            # over seeds 0-4 (seed 3 over the bar: arithmetic 0.93, sequences 0.91); at 3e-4
+            # it forgets 0.0-0.7, with refusal 1.00 and over-refusal 0.00 on every seed.
+            "dpo": {"batch_size": 24, "lr": 3e-4},
             # sft at lr 1e-3 forgot 3.0-6.0 points of benign accuracy over seeds 0-4 (eval seed 11;
             # the bar is 3); at 5e-4 it keeps within 0.3-1.3 points, refusal 1.00, over-refusal 0.
             "sft": {"lr": 5e-4},
