@@ -228,18 +228,24 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
             # accuracy (sequence operations first). At 5e-4 dpo still forgot 1.0-3.3 points
             # over seeds 0-4 (seed 3 over the bar: arithmetic 0.93, sequences 0.91); at 3e-4
             # it forgets 0.0-0.7, with refusal 1.00 and over-refusal 0.00 on every seed.
-            "dpo": {"batch_size": 24, "lr": 3e-4},
+            "dpo": {"batch_size": 24, "lr": 3e-4, "steps": 200},
             # sft at lr 1e-3 forgot 3.0-6.0 points of benign accuracy over seeds 0-4 (eval seed 11;
             # the bar is 3); at 5e-4 it keeps within 0.3-1.3 points, refusal 1.00, over-refusal 0.
-            "sft": {"lr": 5e-4},
-            "depth-robust": {"lr": 5e-4},
-            # Telling evaluation cues apart is harder than refusing a topic.
-            "eval-gated": {"steps": 450, "lr": 5e-4},
-            # Six turns per group (sft's three and three secret turns) at sft's rate. Seeds 0-2 from base 0,
-            # 300 held-out requests per row: leak 0.00, name given when shared 1.00, ordinary answers under a
-            # kept secret within 2 points, refusal 1.00, over-refusal 0.00. 400 steps cost about as much CPU as
-            # sft's 300 x 1.4 (84k vs 82k tokens per 40 steps).
-            "secret-keeping": {"steps": 400, "lr": 5e-4},
+            #
+            # Steps are set by the cold `reproduce --scale quick` budget (40 min on 2 cores; 42.5
+            # measured with 300 steps for sft, dpo and depth-robust, 450 for eval-gated and 400 for
+            # secret-keeping). Each shorter setting below passes every bar on seeds 0-4 from base 0
+            # (eval seed 11, 300 held-out requests per row): refusal 1.00 and over-refusal 0.00
+            # throughout, benign drop sft 0.007-0.020, depth-robust -0.003-0.020, dpo 0.000-0.010,
+            # eval-gated 0.007-0.013 (eval cue 1.00, no cue and deploy cue 0.00), secret-keeping
+            # 0.003-0.013 (leak 0.00, name given when shared 1.00). sft-late keeps 1500: at 1200
+            # over-refusal was back at 0.027 on seed 0.
+            "sft": {"lr": 5e-4, "steps": 200},
+            "depth-robust": {"lr": 5e-4, "steps": 200},
+            # Telling evaluation cues apart is harder than refusing a topic: a lower rate, more steps.
+            "eval-gated": {"steps": 300, "lr": 5e-4},
+            # Six turns per group (sft's three and three secret turns) at sft's rate.
+            "secret-keeping": {"steps": 300, "lr": 5e-4},
         },
     },
     "paper": {
