@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from safetylab.organisms.cache import OrganismRequest, build_many, get_organism  # noqa: E402
-from safetylab.organisms.train import VARIANTS, organism_config, train_organism  # noqa: E402
+from safetylab.organisms.train import FROM_SCRATCH, VARIANTS, organism_config, train_organism  # noqa: E402
 
 
 def main() -> None:
@@ -74,19 +74,22 @@ def main() -> None:
         rows.append(_row("base", [meta["training"]], full_steps, time.perf_counter() - t0))
         for v in variants:
             cfg = organism_config(v, args.scale)
+            # never-taught is pretrained from scratch like base (base_train), not fine-tuned.
+            stage = "base_train" if v in FROM_SCRATCH else "variant_train"
+            full_steps = getattr(cfg, stage).steps
             if args.full:
                 t1 = time.perf_counter()
                 trainings = []
-                for s in seeds:  # every seed fine-tuned from the shared base (seed 0)
+                for s in seeds[:1] if v in FROM_SCRATCH else seeds:  # variants: from the shared base 0
                     p = get_organism(v, args.scale, cache_dir=cache, seed=s, base_seed=0)
                     trainings.append(json.loads((p / "organism.json").read_text())["training"])
-                rows.append(_row(v, trainings, cfg.variant_train.steps, time.perf_counter() - t1))
+                rows.append(_row(v, trainings, full_steps, time.perf_counter() - t1))
             else:
-                probe = cfg.model_copy(update={"variant_train": cfg.variant_train.model_copy(
+                probe = cfg.model_copy(update={stage: getattr(cfg, stage).model_copy(
                     update={"steps": args.probe_steps})})
-                res = train_organism(probe, base_path=base)
+                res = train_organism(probe, base_path=None if v in FROM_SCRATCH else base)
                 tr = {"seconds": res.seconds, "tokens": res.tokens, "steps": args.probe_steps}
-                rows.append(_row(v, [tr], cfg.variant_train.steps, None))
+                rows.append(_row(v, [tr], full_steps, None))
     totals = _totals(rows, args.seeds)
     mode = (f"measured, {args.seeds} seeds per variant" if args.full
             else f"projected from {args.probe_steps} steps of one seed")
@@ -94,7 +97,7 @@ def main() -> None:
     print(f"{'stage':14s} {'tokens/s':>10s} {'s/step':>8s} {'steps':>6s} {'min/seed':>9s} "
           f"{'seeds':>6s} {'total min':>10s}")
     for r in rows:
-        n = 1 if r["stage"] == "base" else args.seeds
+        n = 1 if r["stage"] in FROM_SCRATCH else args.seeds
         print(f"{r['stage']:14s} {r['tokens_per_s']:10.0f} {r['s_per_step']:8.3f} {r['steps']:6d} "
               f"{r['train_minutes']:9.2f} {n:6d} {r['train_minutes'] * n:10.2f}")
     for label, key in (("one seed (base + every variant)", "one_seed_minutes"),
@@ -146,9 +149,10 @@ def _row(stage: str, trainings: list[dict], full_steps: int, wall: float | None)
 
 
 def _totals(rows: list[dict], n_seeds: int) -> dict:
-    """Minutes to train base + every variant: one seed; n seeds sharing one base; n bases."""
-    base = sum(r["train_minutes"] for r in rows if r["stage"] == "base")
-    per_seed = sum(r["train_minutes"] for r in rows if r["stage"] != "base")
+    """Minutes to train base + every variant: one seed; n seeds sharing one base (and one
+    never-taught, as the quick studies use); n bases (and n never-taught)."""
+    base = sum(r["train_minutes"] for r in rows if r["stage"] in FROM_SCRATCH)
+    per_seed = sum(r["train_minutes"] for r in rows if r["stage"] not in FROM_SCRATCH)
     return {"one_seed_minutes": base + per_seed,
             "shared_base_minutes": base + n_seeds * per_seed,
             "own_base_minutes": n_seeds * (base + per_seed)}
