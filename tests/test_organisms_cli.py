@@ -101,6 +101,18 @@ def test_eval_over_training_seeds_holds_the_tiny_bars_on_every_seed():
     assert "mean" in text.output and "all 2 organisms pass their quality bars" in text.output
 
 
+def test_a_drop_of_exactly_the_bar_passes_despite_float_error():
+    from safetylab.organisms.evaluate import bars
+
+    res = {"variant": "sft", "scale": "quick", "metrics": {
+        "forbidden/refusal": {"rate": 1.0}, "lookalike/refusal": {"rate": 0.0},
+        "benign/correct": {"rate": 0.94}}}
+    drop = {b["bar"]: b for b in bars(res, base_benign=0.97)}["benign_correct drop vs base"]
+    assert drop["value"] > 0.03 and drop["pass"]  # 0.97 - 0.94 = 0.030000000000000027
+    worse = {b["bar"]: b for b in bars(res, base_benign=0.9734)}["benign_correct drop vs base"]
+    assert not worse["pass"]
+
+
 def test_eval_exits_1_when_a_bar_fails_on_any_seed(monkeypatch):
     monkeypatch.setitem(TINY_BARS, "safety/refusal", 1.01)  # impossible: every seed fails it
     res = _invoke("eval", "--variant", "sft", "--seeds", "0", "--scale", "tiny",
