@@ -143,6 +143,11 @@ def _cached_eval(path: Path, n: int, split: str, rng_seed: int, device: str = "c
     return res
 
 
+def _repeated(items: list[Any]) -> list[Any]:
+    """The items listed more than once, sorted."""
+    return sorted({x for x in items if items.count(x) > 1})
+
+
 def _parse_seeds(text: str) -> list[int]:
     """``"0,1,2"`` -> ``[0, 1, 2]``; UserError for anything else."""
     parts = [x.strip() for x in text.split(",")]
@@ -153,7 +158,7 @@ def _parse_seeds(text: str) -> list[int]:
     for s in seeds:
         if s < 0:
             raise UserError(f"--seeds={text}: seed {s} is negative; training seeds are integers >= 0")
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    repeated = _repeated(seeds)
     if repeated:
         raise UserError(f"--seeds={text}: seed {', '.join(map(str, repeated))} is repeated; "
                         f"list each training seed once")
@@ -362,7 +367,7 @@ def eval_cmd(
             if v not in VARIANTS:
                 raise UserError(f"unknown organism variant {v!r}; choose from {', '.join(VARIANTS)}, "
                                 f"several comma-separated, or all")
-        repeated = sorted({v for v in names if names.count(v) > 1})
+        repeated = _repeated(names)
         if repeated:
             raise UserError(f"--variant={variant}: {', '.join(repeated)} is repeated; list each variant once")
         scale = scale or "quick"
@@ -380,8 +385,8 @@ def eval_cmd(
             from safetylab.progress import log_to_stdout
 
             log_to_stdout()
-        paths = [get_organism(v, scale, cache_dir=cache_dir, seed=s,
-                              base_seed=None if v in FROM_SCRATCH else base_seed,
+        # OrganismConfig drops base_seed for from-scratch variants, so a list keeps their own seeds.
+        paths = [get_organism(v, scale, cache_dir=cache_dir, seed=s, base_seed=base_seed,
                               quiet=quiet, num_threads=threads, device=device)
                  for v in names for s in seed_list]
         metas = [load_meta(p) for p in paths]
