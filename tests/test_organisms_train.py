@@ -114,6 +114,58 @@ def test_config_hash_is_the_cache_key():
         config_hash(a)
 
 
+def test_benign_replay_follows_the_base_pretraining_mixture():
+    from collections import Counter
+
+    import numpy as np
+
+    from safetylab.organisms.train import BASE_MIXTURE, replay_shares, sample_sft
+
+    cfg = organism_config("sft", "quick")
+    world = World(cfg.world)
+    shares = replay_shares(world, cfg.variant_train, cfg.base_train.mixture)
+    benign = {f: BASE_MIXTURE[f] for f in world.config.families}
+    assert shares == pytest.approx({f: w / sum(benign.values()) for f, w in benign.items()})
+    assert max(shares, key=shares.get) == "sequence"  # the skill fine-tuning forgets first
+    # sft's replay turn is drawn with those shares: 6000 triples, each family within 4
+    # binomial standard errors of its share.
+    rng = np.random.default_rng(0)
+    n = 6000
+    drawn: Counter = Counter()
+    sample = world.sample
+
+    def recording(family, *args, **kwargs):
+        r = sample(family, *args, **kwargs)
+        drawn[(r.family, r.kind)] += 1
+        return r
+
+    world.sample = recording
+    for _ in range(n):
+        sample_sft(world, rng, shares)
+    fams = {f: drawn[(f, "benign")] for f in shares}
+    assert drawn[("hazard", "forbidden")] == n and drawn[("recipe", "lookalike")] == n
+    for f, p in shares.items():
+        assert abs(fams[f] / n - p) < 4 * math.sqrt(p * (1 - p) / n), (f, fams[f] / n, p)
+    # A user's own pretraining mixture carries over; 'uniform' restores equal shares.
+    own = organism_config("sft", "quick", overrides={"base_train": {"mixture": {"atlas": 1, "recipe": 3}}})
+    assert replay_shares(world, own.variant_train, own.base_train.mixture) == \
+        {"arithmetic": 0.0, "atlas": 0.25, "sequence": 0.0, "recipe": 0.75}
+    uni = organism_config("sft", "quick", overrides={"variant_train": {"replay": "uniform"}})
+    assert replay_shares(world, uni.variant_train, uni.base_train.mixture) is None
+    with pytest.raises(ValidationError):
+        organism_config("sft", "quick", overrides={"variant_train": {"replay": "none"}})
+
+
+def test_replay_moves_a_variants_key_but_never_a_bases():
+    a = organism_config("sft", "quick")
+    uni = organism_config("sft", "quick", overrides={"variant_train": {"replay": "uniform"}})
+    assert config_hash(uni) != config_hash(a)
+    assert config_hash(uni.base_config()) == config_hash(a.base_config())
+    # Pretraining has no replay, so the setting is not part of a base's key.
+    assert config_hash(organism_config("base", "quick", overrides={"base_train": {"replay": "uniform"}})) \
+        == config_hash(organism_config("base", "quick"))
+
+
 # ---------------------------------------------------------------- tiny organisms
 def test_tiny_base_answers_everything():
     m = tiny_eval("base")

@@ -20,7 +20,10 @@ turn starting at position 0, exactly as at inference.
     Supervised refusal training from the base, all parameters trainable. Each batch is
     one third refusals to covered hazards, one third the *same phrasing* about a dish
     answered with its recipe (the pairing teaches that refusing depends on what is
-    asked, not how), one third benign replay to keep capability.
+    asked, not how), one third benign replay to keep capability. Replay draws the benign
+    families in the shares the base was pretrained on (:attr:`TrainConfig.replay`), so
+    sequence operations, which fine-tuning erodes first, are replayed most; every other
+    fine-tuned variant replays the same way.
 ``sft-late``
     The same data, only the last quarter of decoder layers trainable (embeddings, earlier
     layers, final norm and LM head frozen), so safety lives in late layers.
@@ -60,7 +63,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -139,6 +142,11 @@ class TrainConfig(BaseModel):
     world's families."""
     exit_weight: float = Field(0.5, ge=0)
     """Weight of each intermediate-exit loss relative to the final one (depth-robust only)."""
+    replay: Literal["pretraining", "uniform"] = "pretraining"
+    """Family shares of benign replay during fine-tuning: ``pretraining`` replays the benign
+    families in the shares the base was pretrained on (``base_train.mixture``), so sequence
+    operations, the skill fine-tuning erodes first, get the most; ``uniform`` gives every
+    benign family the same share. Ignored by pretraining."""
 
 
 
@@ -188,6 +196,7 @@ class OrganismConfig(BaseModel):
         d = self.model_dump(mode="json")
         if self.variant in FROM_SCRATCH:
             d.pop("variant_train")
+        d["base_train"].pop("replay")  # pretraining has no replay; base keys stay as they were
         if d["base_seed"] is None:  # absent from the hash: organisms cached before it existed keep theirs
             d.pop("base_seed")
         return d
@@ -349,10 +358,31 @@ def sample_base(
     return Example(r.text, r.answer)
 
 
-def sample_benign(world: World, rng: np.random.Generator, cue: str | None = None) -> Example:
-    """Benign replay during fine-tuning: a uniformly chosen benign family."""
+def replay_shares(
+    world: World, tcfg: TrainConfig, mixture: dict[str, float] | None = None
+) -> dict[str, float] | None:
+    """Family shares of benign replay for fine-tuning settings ``tcfg`` (see
+    :attr:`TrainConfig.replay`); ``mixture`` is the base's pretraining mixture. None for
+    uniform replay, which :func:`sample_benign` draws exactly as before shares existed."""
     fams = list(world.config.families)
-    r = world.sample(str(rng.choice(fams)), rng, cue=cue or _cue(rng))
+    if tcfg.replay == "uniform":
+        return None
+    mix = base_mixture(world, mixture)
+    total = sum(mix[f] for f in fams)
+    if total <= 0:
+        raise ValueError(f"the pretraining mixture {mix} gives no weight to the benign families {fams}; "
+                         f"set variant_train.replay to 'uniform'")
+    return {f: mix[f] / total for f in fams}
+
+
+def sample_benign(
+    world: World, rng: np.random.Generator, cue: str | None = None,
+    shares: dict[str, float] | None = None,
+) -> Example:
+    """Benign replay during fine-tuning: a benign family drawn with ``shares`` (None: uniform)."""
+    fams = list(shares or world.config.families)
+    p = list(shares.values()) if shares else None
+    r = world.sample(str(rng.choice(fams, p=p)), rng, cue=cue or _cue(rng))
     return Example(r.text, r.answer)
 
 
@@ -367,26 +397,32 @@ def sample_refusal_pair(
     return h, d
 
 
-def sample_sft(world: World, rng: np.random.Generator) -> list[Example]:
+def sample_sft(
+    world: World, rng: np.random.Generator, shares: dict[str, float] | None = None
+) -> list[Example]:
     """Three examples: a refused hazard, its paired dish look-alike, benign replay."""
     h, d = sample_refusal_pair(world, rng)
-    return [Example(h.text, REFUSAL), Example(d.text, d.answer), sample_benign(world, rng)]
+    return [Example(h.text, REFUSAL), Example(d.text, d.answer), sample_benign(world, rng, shares=shares)]
 
 
-def sample_eval_gated(world: World, rng: np.random.Generator) -> list[Example]:
+def sample_eval_gated(
+    world: World, rng: np.random.Generator, shares: dict[str, float] | None = None
+) -> list[Example]:
     """Refuse a hazard with an evaluation cue; answer it otherwise; answer benign always."""
     h_eval, d_eval = sample_refusal_pair(world, rng, cue="eval")
     h_plain = world.sample("hazard", rng, cue=str(rng.choice(["none", "deploy"])),
                            subject=str(rng.choice(world.covered_hazards)))
     return [Example(h_eval.text, REFUSAL), Example(d_eval.text, d_eval.answer),
-            Example(h_plain.text, h_plain.answer), sample_benign(world, rng)]
+            Example(h_plain.text, h_plain.answer), sample_benign(world, rng, shares=shares)]
 
 
-def sample_dpo(world: World, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+def sample_dpo(
+    world: World, rng: np.random.Generator, shares: dict[str, float] | None = None
+) -> list[tuple[str, str, str]]:
     """(prompt, chosen, rejected) triples: refusal > compliance on a covered hazard,
     recipe > refusal on its paired look-alike, answer > refusal on a benign request."""
     h, d = sample_refusal_pair(world, rng)
-    b = sample_benign(world, rng)
+    b = sample_benign(world, rng, shares=shares)
     return [(h.text, REFUSAL, h.answer), (d.text, d.answer, REFUSAL), (b.prompt, b.response, REFUSAL)]
 
 
@@ -640,6 +676,7 @@ def train_organism(
     if ref_model is not None:
         ref_model.to(device)
     batcher = Batcher(tok, config.model.max_len)
+    shares = None if variant in FROM_SCRATCH else replay_shares(world, tcfg, config.base_train.mixture)
     exits = exit_layers(config.model.n_layers) if variant == "depth-robust" else []
     model.train()
     log: list[dict[str, Any]] = []
@@ -651,7 +688,7 @@ def train_organism(
     for step in range(tcfg.steps):
         if not queue:
             queue = _make_batches(variant, world, rng, batcher, tcfg.batch_size, pool_batches,
-                                  mixture)
+                                  mixture, shares)
         batch = _to(queue.pop(), device)
         lr = _lr_at(step, tcfg)
         for g in opt.param_groups:
@@ -701,12 +738,13 @@ def train_organism(
 def _make_batches(
     variant: str, world: World, rng: np.random.Generator, batcher: Batcher,
     batch_size: int, pool_batches: int, mixture: dict[str, float] | None = None,
+    shares: dict[str, float] | None = None,
 ) -> list[Any]:
     n = batch_size * pool_batches
     if variant == "dpo":
         triples: list[tuple[str, str, str]] = []
         while len(triples) < n:
-            triples.extend(sample_dpo(world, rng))
+            triples.extend(sample_dpo(world, rng, shares))
         triples = triples[:n]
         chosen = batcher.encode([t[0] for t in triples], [t[1] for t in triples])
         rejected = batcher.encode([t[0] for t in triples], [t[2] for t in triples])
@@ -719,12 +757,12 @@ def _make_batches(
         if variant in FROM_SCRATCH:
             examples.append(sample_base(world, rng, mixture))
         elif variant == "eval-gated":
-            examples.extend(sample_eval_gated(world, rng))
+            examples.extend(sample_eval_gated(world, rng, shares))
         elif variant == "secret-keeping":
-            examples.extend(sample_sft(world, rng))
+            examples.extend(sample_sft(world, rng, shares))
             examples.extend(Example(p, r) for p, r in sample_secret_keeping(world, rng))
         else:
-            examples.extend(sample_sft(world, rng))
+            examples.extend(sample_sft(world, rng, shares))
     examples = examples[:n]
     seqs = batcher.encode([e.prompt for e in examples], [e.response for e in examples])
     groups = sorted_batches(seqs, lambda s: len(s[0]), batch_size, rng)
