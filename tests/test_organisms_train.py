@@ -319,6 +319,39 @@ def test_build_many_trains_bases_then_variants_in_a_pool_once(tmp_path):
     assert stamp == {p: (p / "model.safetensors").stat().st_mtime_ns for p in paths}
 
 
+def test_build_many_progress_counts_work_not_organisms(tmp_path, monkeypatch):
+    # A cold quick run spends as long on one base as on eight fine-tunes: a bar that counts
+    # organisms promised "~1h50m left" eleven minutes into a run that took 33.
+    from contextlib import contextmanager
+
+    import safetylab.progress
+    from safetylab.organisms.cache import OrganismRequest, build_many, training_work
+
+    seen: dict = {"advances": []}
+
+    @contextmanager
+    def recording_bar(description, total, **kwargs):
+        if "organisms" not in description:  # each organism's own bar of steps
+            yield lambda n=1: None
+            return
+        seen["total"], seen["unit"] = total, kwargs.get("unit")
+        yield seen["advances"].append
+
+    monkeypatch.setattr(safetylab.progress, "bar", recording_bar)
+    over = {**MICRO, "base_train": {"steps": 6, "batch_size": 4},
+            "variant_train": {"steps": 2, "batch_size": 4}}
+    build_many([OrganismRequest("sft", "tiny", overrides=over)], tmp_path, workers=1)
+    # The base has three times sft's steps at equal sizes: 75% of the work, then 25%.
+    assert seen["total"] == 100 and seen["unit"] == "percent of the estimated work"
+    assert seen["advances"] == pytest.approx([75.0, 25.0])
+    # dpo's four passes per pair and sft-late's short backward pass, at equal steps and sizes.
+    sft = training_work(organism_config("sft", "quick"))
+    assert training_work(organism_config("dpo", "quick", overrides={"variant_train": {"batch_size": 48}})) \
+        == 3 * sft
+    assert training_work(organism_config("sft-late", "quick", overrides={"variant_train": {"steps": 200}})) \
+        == sft / 2
+
+
 def test_default_cache_dir_follows_safetylab_cache(tmp_path, monkeypatch):
     from safetylab.organisms.cache import default_organism_dir
 

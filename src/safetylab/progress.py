@@ -81,7 +81,7 @@ def make_progress(transient: bool = False) -> Progress:
 
 @contextmanager
 def bar(description: str, total: float | None, *, transient: bool = True,
-        quiet: bool = False) -> Iterator[Callable[..., None]]:
+        quiet: bool = False, unit: str = "steps") -> Iterator[Callable[..., None]]:
     """A progress bar; yields ``advance(n=1)``.
 
     Args:
@@ -90,6 +90,7 @@ def bar(description: str, total: float | None, *, transient: bool = True,
         transient: on a terminal, remove the bar when done (else it stays, showing its
             final state). In a log every stage writes its start and end lines.
         quiet: draw and write nothing (``advance`` does nothing).
+        unit: what ``total`` counts, named in a log's start line.
     """
     if quiet:
         yield lambda n=1: None
@@ -98,10 +99,10 @@ def bar(description: str, total: float | None, *, transient: bool = True,
     # the outermost one found.
     stream = _plain_stream() if not _on_screen else _screen_streams[-1]
     if not _console.is_terminal:
-        with _log.stage(description, total, stream) as advance:
+        with _log.stage(description, total, stream, unit) as advance:
             yield advance
         return
-    with (_log.stage(description, total, stream) if stream is not None else _no_log()) as log_advance:
+    with (_log.stage(description, total, stream, unit) if stream is not None else _no_log()) as log_advance:
         if _on_screen:
             display = _on_screen[-1]
             task = display.add_task(description, total=total)
@@ -141,6 +142,11 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def _count(x: float) -> str:
+    """A count as written in a log: ``3``, ``1210``, or one decimal for fractional progress."""
+    return f"{round(x, 1):g}"
+
+
 @dataclass
 class _Stage:
     description: str
@@ -156,7 +162,7 @@ class _Stage:
         elapsed = now - self.started
         parts = [self.description]
         if self.total:
-            parts[0] += f" {self.completed:g}/{self.total:g} ({self.completed / self.total:.0%})"
+            parts[0] += f" {_count(self.completed)}/{_count(self.total)} ({self.completed / self.total:.0%})"
         text = f"{parts[0]}, {format_duration(elapsed)} elapsed"
         if self.total and 0 < self.completed < self.total:
             text += f", ~{format_duration(elapsed * (self.total - self.completed) / self.completed)} left"
@@ -181,11 +187,12 @@ class _LogLines:
         self._last_line = time.monotonic()
 
     @contextmanager
-    def stage(self, description: str, total: float | None, stream: Any) -> Iterator[Callable[..., None]]:
+    def stage(self, description: str, total: float | None, stream: Any,
+              unit: str = "steps") -> Iterator[Callable[..., None]]:
         stage = _Stage(description, total, stream)
         with self._lock:
             self._stages.append(stage)
-            self._write(f"{description}: started" + (f" ({total:g} steps)" if total else ""), stream)
+            self._write(f"{description}: started" + (f" ({_count(total)} {unit})" if total else ""), stream)
             if self._ticker is None:
                 self._ticker = threading.Thread(target=self._tick, name="safetylab-progress", daemon=True)
                 self._ticker.start()
@@ -203,7 +210,7 @@ class _LogLines:
             with self._lock:
                 self._stages.remove(stage)
                 took = format_duration(time.monotonic() - stage.started)
-                count = f" {stage.completed:g}/{stage.total:g}" if stage.total else ""
+                count = f" {_count(stage.completed)}/{_count(stage.total)}" if stage.total else ""
                 self._write(f"{description}: done{count} in {took}" if ok else
                             f"{description}: stopped{' at' + count if count else ''} after {took}", stream)
 
