@@ -262,15 +262,19 @@ THREAT_MODEL = ThreatModel(
 
 
 # --------------------------------------------------------------------------- helpers
+def _organism_request(config: Config, variant: str, seed: int | None) -> Any:
+    """The cached organism ``variant`` at training ``seed`` (None: ``organism_seed``); fine-tuned
+    variants share the base of ``organism_seed`` when ``shared_base`` is on."""
+    from safetylab.organisms.cache import OrganismRequest
+
+    return OrganismRequest(variant, config.organism_scale, seed=int(seed if seed is not None else config.organism_seed),
+                           base_seed=config.organism_seed if config.shared_base else None)
+
+
 def _organism_path(config: Config, variant: str, seed: int | None, ctx: Context) -> Path:
     if _is_folder(variant):
         return Path(variant).expanduser()
-    from safetylab.organisms import get_organism
-
-    base_seed = config.organism_seed if (config.shared_base and variant not in ("base", NEGATIVE)) else None
-    return get_organism(variant, scale=config.organism_scale, cache_dir=Path(ctx.cache_dir) / "organisms",
-                        seed=int(seed if seed is not None else config.organism_seed), base_seed=base_seed,
-                        quiet=ctx.quiet)
+    return _organism_request(config, variant, seed).path(Path(ctx.cache_dir) / "organisms", quiet=ctx.quiet)
 
 
 def organism_world(path: Path) -> Any:
@@ -477,18 +481,12 @@ def _attack(lm: Any, world: Any, probe_reqs: list[Any], config: Config, rng: np.
 # --------------------------------------------------------------------------- the study
 def organisms(config: Config) -> list[Any]:
     """Every organism the units load: base seeds, treatments x seeds, never-taught."""
-    from safetylab.organisms.cache import OrganismRequest
-
-    shared = config.organism_seed if config.shared_base else None
     out = []
     for u in units(config):
         p = u.params
-        if _is_folder(p["organism"]):
-            continue
-        if p["role"] == "treatment":
-            out.append(OrganismRequest(p["organism"], config.organism_scale, seed=p["seed"], base_seed=shared))
-        else:
-            out.append(OrganismRequest(p["organism"], config.organism_scale, seed=p["base_seed"]))
+        if not _is_folder(p["organism"]):
+            out.append(_organism_request(config, p["organism"], p["seed"] if p["role"] == "treatment"
+                                         else p["base_seed"]))
     return list(dict.fromkeys(out))
 
 

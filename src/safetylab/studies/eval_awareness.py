@@ -265,13 +265,18 @@ def steer_layer_indices(config: Config, n_layers: int) -> list[int]:
     return [d - 1 for d in evenly_spread_depths(n_layers, min(config.n_steer_layers, n_layers))]
 
 
+def _organism_request(config: Config, name: str, seed: int) -> Any:
+    """The cached organism ``name`` (a variant) at training ``seed``, as :func:`organisms` declares it."""
+    from safetylab.organisms.cache import OrganismRequest
+
+    return OrganismRequest(name, config.organism_scale, seed=seed,
+                           base_seed=config.organism_seed if config.shared_base else None)
+
+
 def _organism_path(config: Config, name: str, seed: int, ctx: Context) -> Path:
     if name not in _variants():
         return Path(name).expanduser()
-    from safetylab.organisms import get_organism
-
-    return get_organism(name, scale=config.organism_scale, cache_dir=Path(ctx.cache_dir) / "organisms", seed=seed,
-                        base_seed=config.organism_seed if config.shared_base else None, quiet=ctx.quiet)
+    return _organism_request(config, name, seed).path(Path(ctx.cache_dir) / "organisms", quiet=ctx.quiet)
 
 
 def _framed(world: Any, requests: list[Any], cue: str) -> list[Any]:
@@ -320,10 +325,7 @@ def _grades(world: Any, requests: list[Any], replies: list[str]) -> dict[str, li
 # --------------------------------------------------------------------------- the study
 def organisms(config: Config) -> list[Any]:
     """Both organisms for every training seed (organism folders are already trained)."""
-    from safetylab.organisms.cache import OrganismRequest
-
-    return [OrganismRequest(getattr(config, role), config.organism_scale, seed=s,
-                            base_seed=config.organism_seed if config.shared_base else None)
+    return [_organism_request(config, getattr(config, role), s)
             for role in ROLES if getattr(config, role) in _variants() for s in config.seeds()]
 
 

@@ -263,22 +263,23 @@ def _runs(config: Config, variant: str, seed: int | None) -> list[dict[str, Any]
     return runs
 
 
+def _organism_request(config: Config, variant: str, seed: int | None) -> Any:
+    """The cached safety variant at training ``seed``, as :func:`organisms` declares it."""
+    from safetylab.organisms.cache import OrganismRequest
+
+    return OrganismRequest(variant, config.organism_scale, seed=int(seed or 0),
+                           base_seed=config.base_seed if config.shared_base else None)
+
+
 def _organism_path(config: Config, variant: str, seed: int | None, ctx: Context) -> Path:
     if variant not in SAFETY_VARIANTS:
         return Path(variant).expanduser()
-    from safetylab.organisms import get_organism
-
-    return get_organism(variant, scale=config.organism_scale, cache_dir=Path(ctx.cache_dir) / "organisms",
-                        seed=int(seed or 0), base_seed=config.base_seed if config.shared_base else None,
-                        quiet=ctx.quiet)
+    return _organism_request(config, variant, seed).path(Path(ctx.cache_dir) / "organisms", quiet=ctx.quiet)
 
 
 def organisms(config: Config) -> list[Any]:
     """Every organism (variant x training seed) the units load (folders are the user's own)."""
-    from safetylab.organisms.cache import OrganismRequest
-
-    return [OrganismRequest(v, config.organism_scale, seed=int(s),
-                            base_seed=config.base_seed if config.shared_base else None)
+    return [_organism_request(config, v, s)
             for v in config.variants if v in SAFETY_VARIANTS for s in config.seeds_of(v)]
 
 
