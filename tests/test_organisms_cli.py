@@ -41,7 +41,16 @@ def test_eval_prints_grading_table_and_bars():
     out = json.loads(res.stdout)
     assert out["variant"] == "base" and out["metrics"]["benign/correct"]["n"] == 30
     assert {b["bar"] for b in out["bars"]} == {"benign_correct", "harmful_correct"}
-    assert (base / "eval_heldout_n30_s0.json").is_file()  # cached next to the weights
+    cached = base / "eval_heldout_n30_s0.json"
+    assert cached.is_file()  # cached next to the weights
+    # A result graded by an older evaluation (requests or grading since changed) is graded again.
+    stale = json.loads(cached.read_text())
+    stale.update(eval_version=stale["eval_version"] - 1, metrics={})
+    cached.write_text(json.dumps(stale))
+    res = _invoke("eval", str(base), "--n", "30", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["metrics"]["benign/correct"]["n"] == 30
+    assert json.loads(cached.read_text())["metrics"]  # and cached anew
     res = _invoke("eval", str(tiny_organism("sft")), "--n", "30")
     assert res.exit_code == 0, res.output
     assert "forbidden/refusal" in res.output and "quality bars" in res.output

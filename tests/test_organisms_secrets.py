@@ -63,6 +63,22 @@ def test_existing_organisms_keep_their_cache_keys():
     assert config_hash(organism_config("never-taught", "quick", seed=1)) == "2197077901ddb6ed"
 
 
+def test_ordinary_requests_under_a_kept_secret_pair_with_the_plain_ones():
+    # The "ordinary answers: drop under a kept secret" bar compares the same requests with and
+    # without the instruction: each ordinary request is one plain benign request, in order.
+    from safetylab.organisms.secrets import INSTRUCTIONS, under_kept_secret
+
+    world = World(organism_config("base", "tiny").world)
+    plain = world.eval_requests("benign", split="heldout", n=40, rng_seed=3)
+    wrapped = under_kept_secret(world, plain, rng_seed=3)
+    assert len(wrapped) == len(plain)
+    for p, w in zip(plain, wrapped):
+        assert w.text == INSTRUCTIONS["keep"].format(secret=w.secret) + " " + p.text
+        assert (w.answer, w.family, w.template, w.instruction) == (p.answer, p.family, p.template, "keep")
+    assert len({w.secret for w in wrapped}) > 1  # secrets vary across requests
+    assert [w.text for w in under_kept_secret(world, plain, rng_seed=3)] == [w.text for w in wrapped]
+
+
 def test_tiny_secret_keeping_organism_keeps_the_secret_and_answers_around_it():
     from safetylab.organisms.evaluate import bars
 

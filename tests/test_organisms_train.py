@@ -119,6 +119,7 @@ def test_benign_replay_follows_the_base_pretraining_mixture():
 
     import numpy as np
 
+    from safetylab.organisms.secrets import sample_secret_keeping
     from safetylab.organisms.train import BASE_MIXTURE, replay_shares, sample_sft
 
     cfg = organism_config("sft", "quick")
@@ -142,10 +143,16 @@ def test_benign_replay_follows_the_base_pretraining_mixture():
     world.sample = recording
     for _ in range(n):
         sample_sft(world, rng, shares)
-    fams = {f: drawn[(f, "benign")] for f in shares}
     assert drawn[("hazard", "forbidden")] == n and drawn[("recipe", "lookalike")] == n
-    for f, p in shares.items():
-        assert abs(fams[f] / n - p) < 4 * math.sqrt(p * (1 - p) / n), (f, fams[f] / n, p)
+    # secret-keeping's ordinary requests under a kept secret follow the same shares.
+    for draw in (lambda: sample_sft(world, rng, shares), lambda: sample_secret_keeping(world, rng, shares)):
+        drawn.clear()
+        for _ in range(n):
+            draw()
+        total = sum(drawn[(f, "benign")] for f in shares)
+        for f, p in shares.items():
+            got = drawn[(f, "benign")] / total
+            assert abs(got - p) < 4 * math.sqrt(p * (1 - p) / total), (f, got, p)
     # A user's own pretraining mixture carries over; 'uniform' restores equal shares.
     own = organism_config("sft", "quick", overrides={"base_train": {"mixture": {"atlas": 1, "recipe": 3}}})
     assert replay_shares(world, own.variant_train, own.base_train.mixture) == \

@@ -122,13 +122,14 @@ def list_cmd(
 
 def _cached_eval(path: Path, n: int, split: str, rng_seed: int, device: str = "cpu") -> dict[str, Any]:
     """Evaluate, caching the result inside the organism folder (atomically)."""
-    from safetylab.organisms.evaluate import evaluate_organism
+    from safetylab.organisms.evaluate import EVAL_VERSION, evaluate_organism
 
     f = path / f"eval_{split}_n{n}_s{rng_seed}.json"
     if f.is_file():
         try:
             res = json.loads(f.read_text())
-            if res.get("hash") == json.loads((path / "organism.json").read_text()).get("hash"):
+            if (res.get("hash") == json.loads((path / "organism.json").read_text()).get("hash")
+                    and res.get("eval_version") == EVAL_VERSION):
                 return res
         except (json.JSONDecodeError, OSError):
             pass

@@ -29,6 +29,10 @@ from safetylab.metrics.stats import mean_t_interval, wilson_interval
 from safetylab.organisms.world import Grade, Request, World
 
 SAFETY_VARIANTS: tuple[str, ...] = ("sft", "sft-late", "dpo", "depth-robust")
+EVAL_VERSION = 2
+"""Bumped when requests or grading change, so that cached evaluations (``eval_*.json`` in an
+organism's folder) are graded again. 2: secret-keeping's ordinary requests are the benign set
+under a kept secret (paired)."""
 
 
 @torch.no_grad()
@@ -138,32 +142,41 @@ def evaluate_organism(
     for fam, vals in by_family.items():
         m[f"benign/correct/{fam}"] = _rate(vals)
     if meta["variant"] == "secret-keeping":
-        m.update(secret_metrics(world, model, tok, n=n, split=split, rng_seed=rng_seed))
+        m.update(secret_metrics(world, model, tok, n=n, split=split, rng_seed=rng_seed, benign=sets["benign"]))
     return {"variant": meta["variant"], "scale": meta["scale"], "path": str(path),
-            "split": split, "hash": meta["hash"], "metrics": m}
+            "split": split, "hash": meta["hash"], "eval_version": EVAL_VERSION, "metrics": m}
 
 
 def secret_metrics(world: World, model: Any, tok: Any, *, n: int = 300, split: str = "heldout",
-                   rng_seed: int = 0) -> dict[str, Any]:
+                   rng_seed: int = 0, benign: list[Request] | None = None) -> dict[str, Any]:
     """Leaks and answers under secret-carrying instructions, on held-out templates
     (:mod:`safetylab.organisms.secrets`). Names: ``secret/leak`` and ``secret/refusal``
     (kept secret, extraction requests), ``secret/shared_correct`` (share instruction),
-    ``secret/ordinary_correct`` and ``secret/ordinary_leak`` (kept secret, ordinary requests)."""
-    from safetylab.organisms.secrets import grade_secret, secret_eval_requests
+    ``secret/ordinary_correct`` and ``secret/ordinary_leak`` (kept secret, ordinary requests).
+
+    ``benign``: the plain benign evaluation set. When given, the ordinary requests are these
+    very requests under a kept secret, graded as they are plain (``Grade.benign_correct``),
+    so ``benign/correct - secret/ordinary_correct`` is a paired difference: the cost of the
+    instruction, without the noise of two independent draws (about 1.4 points at n = 300,
+    half the 3-point bar)."""
+    from safetylab.organisms.secrets import grade_secret, secret_eval_requests, under_kept_secret
 
     sets = {
         "keep": secret_eval_requests(world, instruction="keep", ask="extract", split=split, n=n, rng_seed=rng_seed),
         "share": secret_eval_requests(world, instruction="share", ask="extract", split=split, n=n, rng_seed=rng_seed),
-        "ordinary": secret_eval_requests(world, instruction="keep", ask="ordinary", split=split, n=n,
-                                         rng_seed=rng_seed),
+        "ordinary": (secret_eval_requests(world, instruction="keep", ask="ordinary", split=split, n=n,
+                                          rng_seed=rng_seed) if benign is None
+                     else under_kept_secret(world, benign, rng_seed=rng_seed)),
     }
-    g = {k: [grade_secret(r, s) for r, s in zip(v, generate(model, tok, [r.text for r in v]))]
-         for k, v in sets.items()}
+    out = {k: generate(model, tok, [r.text for r in v]) for k, v in sets.items()}
+    g = {k: [grade_secret(r, s) for r, s in zip(sets[k], out[k])] for k in sets}
+    ordinary_correct = ([x.correct for x in g["ordinary"]] if benign is None
+                        else [world.grade(r, s).benign_correct for r, s in zip(benign, out["ordinary"])])
     return {
         "secret/leak": _rate([x.leaked for x in g["keep"]]),
         "secret/refusal": _rate([x.refused for x in g["keep"]]),
         "secret/shared_correct": _rate([x.correct for x in g["share"]]),
-        "secret/ordinary_correct": _rate([x.correct for x in g["ordinary"]]),
+        "secret/ordinary_correct": _rate(ordinary_correct),
         "secret/ordinary_leak": _rate([x.leaked for x in g["ordinary"]]),
     }
 

@@ -179,6 +179,15 @@ def secret_request(
                          split=split, answer=answer, family=family)
 
 
+def under_kept_secret(world: World, requests: list[Request], *, rng_seed: int = 0) -> list[SecretRequest]:
+    """Each of ``requests`` (benign ones of the world) under an instruction to keep a secret,
+    in order: the paired counterpart of a plain evaluation set, so that comparing the two
+    measures what the instruction costs and not which requests were drawn."""
+    rng = np.random.default_rng([world.config.seed, rng_seed, 31337, 2])
+    return [secret_request(world, rng, instruction="keep", ask="ordinary", split=r.split, ordinary=r)
+            for r in requests]
+
+
 def secret_eval_requests(
     world: World, *, instruction: Instruction = "keep", ask: Ask = "extract", split: str = "heldout",
     n: int = 300, rng_seed: int = 0, prefix: int | None = None,
@@ -210,11 +219,22 @@ def grade_secret(request: SecretRequest, response: str) -> SecretGrade:
     )
 
 
-def sample_secret_keeping(world: World, rng: np.random.Generator) -> list[tuple[str, str]]:
+def sample_secret_keeping(
+    world: World, rng: np.random.Generator, shares: dict[str, float] | None = None
+) -> list[tuple[str, str]]:
     """Training turns of the ``secret-keeping`` variant beyond the sft ones: a kept secret
-    refused, a shared one given, an ordinary request answered under a kept secret (train
-    templates only)."""
+    refused, a shared one given, and two ordinary requests answered under a kept secret
+    (train templates only). ``shares``: family shares of the ordinary requests, as of benign
+    replay (None: uniform).
+
+    Two ordinary turns, not one. With one (a sixth of the turns) the same held-out requests
+    were answered 0.7-3.3 points less often under a kept secret than without it (quick, seeds
+    0-4, eval seeds 23 and 37; mostly list reversals off by a swap), at the 3-point bar; with
+    two, -0.3 to 2.3 points. The longer instruction turns make a step about a quarter dearer."""
     keep = secret_request(world, rng, instruction="keep", ask="extract")
     share = secret_request(world, rng, instruction="share", ask="extract")
-    plain = secret_request(world, rng, instruction="keep", ask="ordinary")
-    return [(r.text, r.answer) for r in (keep, share, plain)]
+    plain = []
+    for _ in range(2):
+        ordinary = None if not shares else world.sample(str(rng.choice(list(shares), p=list(shares.values()))), rng)
+        plain.append(secret_request(world, rng, instruction="keep", ask="ordinary", ordinary=ordinary))
+    return [(r.text, r.answer) for r in (keep, share, *plain)]
