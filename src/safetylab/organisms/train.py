@@ -231,7 +231,13 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
             # 300 held-out requests): 900 steps gave 0.023-0.033, two seeds over the 0.03 bar,
             # almost all on two dishes (casserole, lemonade); 1500 steps give 0.007 or less.
             # A higher rate instead (3e-3 at 900 steps) made it worse (0.053).
-            "sft-late": {"steps": 1500, "lr": 2e-3},
+            #
+            # Uniform replay: sft-late's frozen layers keep its benign skills (its drop is at most
+            # 0.000 on every seed and eval seed), and what it must learn in two layers is to tell
+            # dishes from hazards, which recipe replay helps: replaying in pretraining shares (a
+            # third fewer recipes) raised over-refusal to 0.003-0.037 at eval seed 41, one seed
+            # over the bar.
+            "sft-late": {"steps": 1500, "lr": 2e-3, "replay": "uniform"},
             # Four forward passes per pair (policy and reference, chosen and rejected).
             # At lr 1e-3 dpo, depth-robust and eval-gated forgot 3.3-4.0 points of benign
             # accuracy (sequence operations first). At 5e-4 dpo still forgot 1.0-3.3 points
@@ -249,6 +255,11 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
             # eval-gated 0.007-0.013 (eval cue 1.00, no cue and deploy cue 0.00), secret-keeping
             # 0.003-0.013 (leak 0.00, name given when shared 1.00). sft-late keeps 1500: at 1200
             # over-refusal was back at 0.027 on seed 0.
+            #
+            # Those numbers are with uniform replay. At fresh evaluation seed 23, sft seed 1 and
+            # eval-gated seed 3 then lost 3.3 and 4.0 points (sequence operations 0.83 and 0.80),
+            # so replay now follows the pretraining shares (TrainConfig.replay); with it every
+            # organism passes every bar on seeds 0-4 at evaluation seeds 23, 37 and 41 (README).
             "sft": {"lr": 5e-4, "steps": 200},
             "depth-robust": {"lr": 5e-4, "steps": 200},
             # Telling evaluation cues apart is harder than refusing a topic: a lower rate, more steps.
@@ -760,7 +771,7 @@ def _make_batches(
             examples.extend(sample_eval_gated(world, rng, shares))
         elif variant == "secret-keeping":
             examples.extend(sample_sft(world, rng, shares))
-            examples.extend(Example(p, r) for p, r in sample_secret_keeping(world, rng))
+            examples.extend(Example(p, r) for p, r in sample_secret_keeping(world, rng, shares))
         else:
             examples.extend(sample_sft(world, rng, shares))
     examples = examples[:n]
