@@ -113,7 +113,10 @@ def test_binomial_floor_sets_the_width_when_groups_do_not_vary():
     y = np.zeros(120)
     r = clustered_mean_interval(y, seeds=np.repeat([0, 1], 60), clusters=np.tile(np.arange(6), 20),
                                 se_floor=rate_se_floor([0], [120]))
-    assert r["lo"] < 0 < r["hi"] < 0.05 and "floor" in r["method"]
+    assert r["lo"] < 0 < r["hi"] and "floor" in r["method"]
+    # Two seeds that tie are still two seeds: the floor sets the standard error, the seeds the df.
+    assert r["df"] == 1
+    assert r["hi"] == pytest.approx(stats.t.ppf(0.975, 1) * rate_se_floor([0], [120]))
 
 
 def test_holm_and_one_sided_p():
@@ -124,9 +127,11 @@ def test_holm_and_one_sided_p():
     assert math.isnan(t_pvalue_greater(0.3, 0.0, 10, 0.1))
 
 
-def test_seeds_identical_by_construction_leave_the_clusters_to_set_the_interval():
-    """Three seeds fine-tuned from one base that give the same outputs carry no seed variance:
-    the interval is the hazard clusters' (df = clusters - 1), not t(2)'s."""
+def test_seeds_that_tie_are_never_dropped_as_a_grouping():
+    """Three seeds fine-tuned from one base that give the same outputs are still three seeds:
+    the grouping stays (df = seeds - 1), so the interval is no narrower than t(2) allows, and
+    wider than the hazard clusters alone would make it (the old rule dropped the seeds and
+    reported the clusters' 17 df)."""
     rng = np.random.default_rng(3)
     one = (rng.random(18 * 5) < np.repeat(rng.random(18), 5)).astype(float)
     y = np.tile(one, 3)
@@ -134,5 +139,6 @@ def test_seeds_identical_by_construction_leave_the_clusters_to_set_the_interval(
     clusters = np.tile(np.repeat(np.arange(18), 5), 3)
     r = clustered_mean_interval(y, seeds=seeds, clusters=clusters)
     single = clustered_mean_interval(one, clusters=np.repeat(np.arange(18), 5))
-    assert r["df"] == 17 and "agree exactly" in r["method"]
-    assert (r["lo"], r["hi"]) == pytest.approx((single["lo"], single["hi"]))
+    assert r["df"] == 2 and "agree exactly" in r["method"] and "kept as a grouping" in r["method"]
+    assert r["se"] == pytest.approx(single["se"])
+    assert r["hi"] - r["lo"] > single["hi"] - single["lo"]

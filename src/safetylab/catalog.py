@@ -63,7 +63,7 @@ def config_changes(study_name: str, scale: str | None, config: dict[str, Any]) -
     """Config keys whose value differs from ``study_name``'s defaults at ``scale`` (the seed,
     shown on its own, left out); ``None`` when the defaults cannot be known (an unknown study
     or scale)."""
-    from safetylab.studies import get_study
+    from safetylab.registry import get_study
 
     try:
         study = get_study(study_name)

@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Any, Literal, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from safetylab.metrics.stats import Interval, holm_adjust
 
 Access = Literal["black-box", "white-box", "weights", "none"]
 """How far an adversary reaches into the system: queries only, activations and
@@ -293,7 +296,15 @@ class VerdictRecord(BaseModel):
     contrast_verdict: Verdict | None = None
     """What the primary contrast's interval alone says (before the controls)."""
     reason: str = ""
-    """Why the verdict is inconclusive, when a control failed or was not run."""
+    """Why the verdict is inconclusive: a failed or missing control, a premise not met, too little
+    power (the interval straddles the threshold), or nothing measured."""
+    se: float | None = None
+    """Standard error of the primary estimate (``None`` for exact or bootstrap intervals); what
+    ``safetylab calibrate --against`` compares with the simulator's."""
+    df: float | None = None
+    """Degrees of freedom of its t interval."""
+    arm: str | None = None
+    """The treatment arm the verdict is read off (the strongest evidence of k, Holm-corrected)."""
 
     @classmethod
     def from_interval(
@@ -346,3 +357,149 @@ class VerdictRecord(BaseModel):
     def label(self) -> str:
         """'holds', or 'inconclusive (control failed: ...)'."""
         return f"{self.verdict.value} ({self.reason})" if self.reason else self.verdict.value
+
+
+# --------------------------------------------------------------------------- protocol v2: measure, then decide
+
+
+@dataclass(frozen=True)
+class NotRun:
+    """A control (or the primary contrast) that the run could not measure, and why."""
+
+    reason: str
+    """e.g. 'the config has no never-taught organism'."""
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a study measured, handed to :func:`decide`. A study's ``analyze`` computes this and
+    never judges it: multiplicity, the choice of arm, the controls and the verdict are ``decide``'s.
+
+    ``primary`` has one :class:`Interval` per treatment arm (one entry when the contrast has one
+    treatment), each already the contrast's effect measure (treatment against control, paired
+    where the design pairs). ``controls`` has one entry per declared control, **by name**: an
+    :class:`Interval` to judge, or :class:`NotRun`. ``premises`` lists premises of the claim the
+    run found unmet (e.g. 'accidents are not rare at this budget'); any makes the verdict
+    inconclusive, and says so.
+    """
+
+    primary: Mapping[str, Interval]
+    controls: Mapping[str, Interval | NotRun] = field(default_factory=dict)
+    details: Mapping[str, str] = field(default_factory=dict)
+    """One sentence per control name: what was measured (shown beside its status)."""
+    premises: Sequence[str] = ()
+    missing: str = ""
+    """Why the primary contrast has no estimate, when ``primary`` is empty."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :func:`decide` returns: the verdict record, every declared control judged, and the arms."""
+
+    verdict: VerdictRecord
+    controls: list[ControlResult]
+    arm: str | None
+    """The arm the verdict is read off; ``None`` when nothing was measured."""
+    arms: dict[str, Interval]
+    """Every measured arm's interval at the decision's level (Bonferroni level 1 − α/k when the
+    claim is 'at least one of k')."""
+    p_holm: dict[str, float]
+    """Holm-adjusted one-sided p-values per arm against the threshold (``nan`` without se)."""
+
+
+def check_evidence(claim: Claim, evidence: Evidence) -> None:
+    """Raise ValueError unless the evidence names exactly the claim's controls and, for a claim
+    about one treatment, at most one primary arm. A study's bug, never a user's: a conformance
+    test runs this over every registered study."""
+    declared = [c.name for c in claim.controls]
+    given = list(evidence.controls)
+    if sorted(declared) != sorted(given):
+        missing = [n for n in declared if n not in given]
+        extra = [n for n in given if n not in declared]
+        raise ValueError(f"evidence for claim '{claim.metric}' must judge every declared control by name: "
+                         f"missing {missing}, undeclared {extra}")
+    multi = claim.contrast is not None and claim.contrast.multiplicity == "holm"
+    if len(evidence.primary) > 1 and not multi:
+        raise ValueError(f"claim '{claim.metric}' has one treatment (multiplicity 'none') but the evidence "
+                         f"gives {len(evidence.primary)} primary arms: {list(evidence.primary)}")
+
+
+def _judge(control: Control, value: Interval | NotRun, detail: str) -> ControlResult:
+    if isinstance(value, NotRun):
+        return ControlResult(name=control.name, kind=control.kind, status="not run",
+                             threshold=control.threshold, detail=f"not run: {value.reason}")
+    return judge_control(control, value.estimate, value.lo, value.hi, detail)
+
+
+def _side(claim: Claim, iv: Interval) -> Verdict:
+    return claim.decide(iv.lo, iv.hi)
+
+
+def decide(claim: Claim, evidence: Evidence, *, confidence: float = 0.95) -> Decision:
+    """The verdict on ``claim`` from ``evidence`` (the protocol of ``DESIGN.md``, "How a study decides").
+
+    1. Every declared control is judged by name (:func:`judge_control`); a failed or unmeasured
+       one makes the verdict inconclusive and is named in the reason.
+    2. The primary contrast: with k > 1 treatment arms ("at least one of k", multiplicity
+       ``holm``) every arm's interval is moved to the level 1 − α/k (Bonferroni, which is Holm's
+       first step: the claim "at least one holds" is rejected by Holm exactly when it is by
+       Bonferroni) and the arm is chosen as the one with the smallest Holm-adjusted p among those
+       that clear the threshold; when none clears it, the one nearest to clearing it. "Does not
+       hold" needs every arm's interval on the other side.
+    3. The verdict is the chosen arm's (holds / does not hold / inconclusive), made inconclusive
+       by any premise not met or control failed or not run. An inconclusive verdict always says
+       why: a control, a premise, nothing measured, or too little power (the interval straddles
+       the threshold).
+    """
+    check_evidence(claim, evidence)
+    by_name = {c.name: c for c in claim.controls}
+    controls = [_judge(by_name[n], evidence.controls[n], evidence.details.get(n, "")) for n in
+                (c.name for c in claim.controls)]
+    arms_in = {a: iv for a, iv in evidence.primary.items() if iv.measured}
+    k = len(arms_in)
+    alpha = 1 - confidence
+    level = 1 - alpha / k if k > 1 else confidence
+    arms = {a: iv.at_level(level) if k > 1 else iv for a, iv in arms_in.items()}
+    ps = {a: iv.p_value(claim.threshold, claim.direction) for a, iv in arms.items()}
+    p_holm = dict(zip(ps, holm_adjust([p if math.isfinite(p) else 1.0 for p in ps.values()]))) if ps else {}
+    sign = 1.0 if claim.direction == "greater" else -1.0
+    arm = None
+    if arms:
+        sides = {a: _side(claim, iv) for a, iv in arms.items()}
+        clear = [a for a in arms if sides[a] is Verdict.HOLDS]
+        if clear:
+            arm = min(clear, key=lambda a: (p_holm.get(a, 1.0), -sign * arms[a].estimate))
+        elif all(sides[a] is Verdict.DOES_NOT_HOLD for a in arms):
+            # every arm is on the other side: report the one that comes closest to holding
+            arm = max(arms, key=lambda a: sign * (arms[a].hi if sign > 0 else arms[a].lo))
+        else:
+            arm = max((a for a in arms if sides[a] is Verdict.INCONCLUSIVE), key=lambda a: sign * arms[a].estimate)
+    chosen = arms.get(arm) if arm is not None else None
+    raw = _side(claim, chosen) if chosen is not None else Verdict.INCONCLUSIVE
+    reasons = [f"premise not met: {p}" for p in evidence.premises if p]
+    failed = [c.name for c in controls if c.status == "fail"]
+    missing = [c.name for c in controls if c.status == "not run"]
+    if failed:
+        reasons.append(f"control failed: {'; '.join(failed)}")
+    if missing:
+        reasons.append(f"control not run: {'; '.join(missing)}")
+    if raw is Verdict.INCONCLUSIVE and not reasons:
+        if chosen is None:
+            reasons.append(f"nothing measured: {evidence.missing or 'no treatment arm has an estimate'}")
+        elif not chosen.decided:
+            reasons.append(f"no interval: {chosen.method or 'too few units'}")
+        else:
+            reasons.append(f"too little power: the interval [{chosen.lo:.3g}, {chosen.hi:.3g}] straddles the "
+                           f"threshold {claim.threshold:g}")
+    method = ""
+    if chosen is not None:
+        method = chosen.method + (f"; {arm}, the treatment with the strongest evidence of {k} (Bonferroni "
+                                  f"{level:.1%} interval, Holm's first step)" if k > 1 else "")
+    verdict = VerdictRecord(
+        verdict=Verdict.INCONCLUSIVE if reasons else raw, metric=claim.metric,
+        estimate=chosen.estimate if chosen else None, ci_low=chosen.lo if chosen else None,
+        ci_high=chosen.hi if chosen else None, confidence=level, threshold=claim.threshold,
+        direction=claim.direction, n=chosen.n if chosen else 0, interval_method=method or evidence.missing,
+        unit=claim.contrast.unit if claim.contrast else "", contrast_verdict=raw, reason="; ".join(reasons),
+        se=chosen.se if chosen else None, df=chosen.df if chosen else None, arm=arm if k > 1 or arm else None)
+    return Decision(verdict=verdict, controls=controls, arm=arm, arms=arms, p_holm=p_holm)

@@ -54,7 +54,7 @@ def _print_json(data: Any) -> None:
 @app.command("list")
 def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """The studies, each with its claim in one line."""
-    from safetylab.studies import available, get_study
+    from safetylab.registry import available, get_study
 
     rows = []
     for name in available():
@@ -89,7 +89,7 @@ def describe_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """A study's claim, threat model and every config key with its default and meaning."""
-    from safetylab.studies import get_study
+    from safetylab.registry import get_study
 
     s = get_study(study)
     fields = _config_fields(s, scale.value)
@@ -217,7 +217,7 @@ def reproduce_cmd(
     from safetylab.progress import log_to_stdout
     from safetylab.report import render_combined
     from safetylab.runs import UnitsFailed, new_run_dir, run_study
-    from safetylab.studies import available
+    from safetylab.registry import available
 
     log_to_stdout(not as_json)  # `make demo > demo.log` says what it is doing while organisms train
     names = available()
@@ -230,7 +230,7 @@ def reproduce_cmd(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory (it is created if missing)")
     from safetylab.runs import build_organisms, resolve_config
-    from safetylab.studies import get_study
+    from safetylab.registry import get_study
     from safetylab.study import default_cache_dir
 
     # Every study's organisms first, in one pool: studies share them through the cache,
@@ -288,7 +288,8 @@ def report_cmd(
 
 @app.command("threats")
 def threats_cmd(
-    runs_dir: Path = typer.Option(Path("runs"), "--runs", help="Root folder of run folders (or one study's folder, or one run)."),
+    runs_opt: Optional[Path] = typer.Option(None, "--runs", help="Root folder of run folders (or one study's "
+                                            "folder, or one run); default ./runs."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """The essay's grid (user population x adversary tier x protected asset): which cells the
@@ -296,6 +297,9 @@ def threats_cmd(
     which reports state a verdict beyond the cells their config measured."""
     from safetylab.threats import cell_lines, coverage
 
+    runs_dir = runs_opt if runs_opt is not None else Path("runs")
+    if runs_opt is not None and not runs_dir.exists():
+        raise UserError(f"--runs {runs_dir} does not exist; pass the folder that holds run folders (default ./runs)")
     if runs_dir.exists() and not runs_dir.is_dir():
         raise UserError(f"--runs {runs_dir} is a file; pass the folder that holds run folders")
     cov = coverage(runs_dir)
@@ -388,16 +392,29 @@ def calibrate_cmd(
     seed: int = typer.Option(0, help="Seed of the simulator."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    against: Optional[Path] = typer.Option(None, "--against", help="A run folder of this study: compare the "
+                                           "simulator's between-unit spread with the run's (instead of calibrating)."),
 ) -> None:
     """How often a study's own analysis says "holds" on simulated data: at the null
-    (true effect on the threshold; must be <= 5%) and at its declared alternative (power).
-    Exit code 1 when the rule is not calibrated."""
-    from safetylab.calibrate import calibrate, check_calibratable
+    (true effect on the threshold; the estimate must be <= 5% over >= 400 runs) and at its
+    declared alternative (power). Exit code 1 when the rule is not calibrated (or, with
+    --against, when the simulator's spread is more than 2x off the run's)."""
+    from safetylab.calibrate import calibrate, check_calibratable, compare_spread
     from safetylab.progress import bar
-    from safetylab.studies import get_study
+    from safetylab.registry import get_study
 
     st = get_study(study)
     check_calibratable(st)  # before the progress bar, so bad input stays one line
+    if against is not None:
+        cmp = compare_spread(st, against, min(n, 200), seed=seed)
+        if as_json:
+            _print_json(cmp)
+        else:
+            console.print(f"{study} against {against}: real standard error {cmp['real_se']}, simulated "
+                          f"{cmp['sim_se']} (10-90%: {cmp['sim_se_range']}); {cmp['note']}", highlight=False)
+        if cmp["agrees"] is False:
+            raise typer.Exit(1)
+        return
     with bar(f"calibrating {study}", 2 * n, quiet=quiet or as_json) as advance:
         res = calibrate(st, n, seed=seed, progress=advance)
     if as_json:
@@ -408,7 +425,7 @@ def calibrate_cmd(
         table = Table(title=f"calibration of '{study}' ({n} simulated runs per row; effect = {res['effect']})")
         for col in ("true effect", "holds", "does not hold", "inconclusive", "P(holds) [95% CI]", "requirement", "ok"):
             table.add_column(col)
-        for which, req in (("null", f"<= {res['null']['max_false_holds']:.0%}"),
+        for which, req in (("null", f"estimate <= {res['null']['max_false_holds']:.0%}"),
                            ("alternative", f">= {res['alternative']['declared_power']:.0%} (declared power)")):
             r = res[which]
             table.add_row(f"{r['effect']:g} ({which})", *(str(r["verdicts"][v]) for v in
@@ -416,8 +433,32 @@ def calibrate_cmd(
                           format_interval(r["holds_rate"], *r["holds_ci"], digits=3), req,
                           "yes" if r["ok"] else "[bold red]NO[/bold red]")
         console.print(table)
+        if not res["enough_draws"]:
+            console.print(f"[bold red]too few draws[/bold red]: a calibration verdict needs --n {res['min_draws']} or more")
         console.print("calibrated" if res["calibrated"] else "[bold red]not calibrated[/bold red]")
     if not res["calibrated"]:
+        raise typer.Exit(1)
+
+
+@app.command("audit")
+def audit_cmd(
+    run_dir: Path = typer.Argument(..., help="A finished run folder made by 'safetylab run'."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of lines."),
+) -> None:
+    """Could this verdict have come out the other way? Re-run the study's own analysis on its
+    records with the claimed effect removed (null: must not say "holds") and with the largest
+    effect the design allows (extreme: must be able to say "holds"). Works on copies; writes
+    nothing. Exit code 1 when the design is stuck on one side."""
+    from safetylab.audit import audit_lines, audit_run
+
+    res = audit_run(run_dir)
+    if as_json:
+        _print_json(res)
+    else:
+        console.print(f"{res['study']} {run_dir}: verdict {res['verdict']}")
+        for which, line in audit_lines(res):
+            console.print(f"  {which}: {line}", highlight=False)
+    if not res["ok"]:
         raise typer.Exit(1)
 
 

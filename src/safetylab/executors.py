@@ -29,7 +29,7 @@ def _threads_per_worker(workers: int) -> int:
 def _run_in_worker(study_name: str, config_json: str, unit: Unit, ctx: Context, index: int, threads: int) -> Record:
     """Entry point inside a worker process: re-import the study by name (modules,
     not closures, cross process boundaries) and run one unit."""
-    from safetylab.studies import get_study
+    from safetylab.registry import get_study
 
     study = get_study(study_name)
     config = study.config_cls.model_validate_json(config_json)

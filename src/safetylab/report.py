@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from safetylab.audit import audit_lines, audit_records
 from safetylab.claims import Verdict
 from safetylab.heatmap import Matrix, heatmap_svg, matrix_of
 from safetylab.metrics.stats import format_interval
@@ -32,11 +33,14 @@ from safetylab.results import (
 )
 from safetylab.study import Analysis, Figure, Study, StudyConfig
 
-SUMMARY_VERSION = 3
+SUMMARY_VERSION = 4
 """2: verdicts carry contrast_verdict, reason and unit; summaries carry controls and contrast.
 Tables carry ``kind`` ("table" or "matrix"), an addition readers ``.get`` (absent: "table").
 3: threat models carry users, tiers and assets; summaries carry ``evidence``, the cells the
-run's config measured (readers ``.get`` both: older summaries lack them)."""
+run's config measured (readers ``.get`` both: older summaries lack them).
+4 (protocol v2): verdicts carry se, df and arm; summaries carry ``audit``, the verdicts of the
+study's null and extreme record transforms (:mod:`safetylab.audit`; ``None`` when the study
+declares none or the run has no records)."""
 
 _VERDICT_COLOURS = {
     Verdict.HOLDS.value: "#1b7f3b",
@@ -68,6 +72,7 @@ def render_run(
     # instead of 0.4 ms per linear CKA on 2 busy cores).
     with threadpool_limits(limits=1):
         analysis = study.analyze(config, records)
+        audit = audit_records(study, config, records) if records and study.null and study.extreme else None
         figures: list[Figure] = []
         if study.plots is not None and records:
             figures = study.plots(config, records, analysis, run_dir)
@@ -82,6 +87,7 @@ def render_run(
         "headline": analysis.headline,
         "controls": [c.model_dump(mode="json") for c in analysis.controls],
         "contrast": analysis.contrast,
+        "audit": audit,
         "metrics": analysis.metrics,
         "tables": [t.model_dump(mode="json") for t in analysis.tables],
         "findings": analysis.findings,
@@ -140,6 +146,8 @@ def _verdict_line(v: dict[str, Any]) -> str:
     )
 
 
+AUDIT_TITLE = "Could this verdict have come out the other way?"
+
 _CONTROL_MARK = {"pass": "pass", "fail": "FAIL", "not run": "not run"}
 
 
@@ -170,7 +178,9 @@ def _contrast_lines(summary: dict[str, Any]) -> list[tuple[str, str]]:
     out = [("Arms", arms), ("Measure", c["measure"]), ("Unit of replication", c["unit"]),
            ("Threshold", f"{v['threshold']:g}: {c['threshold_reason']}")]
     if c.get("multiplicity") == "holm":
-        out.append(("Multiplicity", "at least one of the treatment arms: per-arm intervals Holm-corrected"))
+        out.append(("Multiplicity", "at least one of the treatment arms: every arm's interval at the Bonferroni "
+                                    "level 1 − 0.05/k (Holm's first step), the arm with the strongest evidence "
+                                    "decides" + (f" (here: {v['arm']})" if v.get("arm") else "")))
     if v.get("contrast_verdict"):
         out.append(("The contrast alone says", v["contrast_verdict"]))
     if summary.get("contrast"):
@@ -214,6 +224,8 @@ def markdown_report(summary: dict[str, Any], env: dict[str, Any], run_dir: Path)
     contrast = _contrast_lines(summary)
     if contrast:
         out += ["## Primary contrast", ""] + [f"- **{k}:** {t}" for k, t in contrast] + [""]
+    if summary.get("audit"):
+        out += [f"## {AUDIT_TITLE}", ""] + [f"- {t}" for _, t in audit_lines(summary["audit"])] + [""]
     out += [
         "## Threat model",
         "",
@@ -356,6 +368,9 @@ def _sections(summary: dict[str, Any], env: dict[str, Any], run_dir: Path, h2: s
 
     add("controls", "Controls", _controls_html(summary))
     add("contrast", "Primary contrast", _contrast_html(summary))
+    if summary.get("audit"):
+        add("audit", AUDIT_TITLE, "<ul>" + "".join(f"<li>{html.escape(t)}</li>" for _, t in
+                                                   audit_lines(summary["audit"])) + "</ul>")
     tm = summary["threat_model"]
     cells, flag = _taxonomy_lines(summary)
     threat = (

@@ -29,7 +29,7 @@ import yaml
 from pydantic import ValidationError
 
 from safetylab.errors import UserError, pydantic_one_line
-from safetylab.study import Context, Study, StudyConfig, Unit
+from safetylab.study import Context, Study, StudyConfig, Unit, json_safe
 
 RESULTS_VERSION = 1
 """Schema version of a ``results.jsonl`` line; bumped when the schema changes."""
@@ -41,19 +41,6 @@ SUMMARY_FILE = "summary.json"
 
 
 # --------------------------------------------------------------------------- the results log
-
-
-def json_safe(value: Any) -> Any:
-    """Non-finite floats become None (JSON has no NaN); tuples become lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalar
-        return json_safe(value.item())
-    return value
 
 
 def dumps_line(record: dict[str, Any]) -> str:
@@ -165,7 +152,7 @@ def execute_unit(study: Study, config: StudyConfig, unit: Unit, ctx: Context, in
 
 def load_run(run_dir: Path) -> tuple[Study, StudyConfig, dict[str, Any]]:
     """Study, config and env of an existing run folder, or a UserError saying what is wrong."""
-    from safetylab.studies import get_study
+    from safetylab.registry import get_study
 
     if not run_dir.exists():
         raise UserError(f"run folder {run_dir} does not exist; pass a folder made by 'safetylab run'")

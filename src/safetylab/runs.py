@@ -274,7 +274,7 @@ def run_study(
 
     Everything the user passed is validated before the first byte is written.
     """
-    from safetylab.studies import get_study  # the registry imports every study: only when running one
+    from safetylab.registry import get_study  # the registry imports every study: only when running one
 
     if workers < 1:
         raise UserError(f"--workers {workers}: need at least 1")

@@ -24,6 +24,12 @@ and ends with ``STUDY = Study(...)``:
     and ``plots``, so every number in a report is recomputable from raw results.
 ``plots(config, records, analysis, out_dir) -> list[Figure]``
     Optional. Writes PNGs into ``out_dir`` and returns their captions.
+``null(config, records) -> records`` and ``extreme(config, records) -> records``
+    Protocol v2's counterfactual audit on a run's own records (``safetylab audit``). ``null``
+    removes the claimed effect on the same units (e.g. the treatment's outcomes replaced by the
+    control's, paired by seed and request); ``extreme`` gives the largest effect the design
+    allows (e.g. every attacked request fails). ``analyze`` on the first must not say "holds",
+    on the second it must be able to. Pure: they get a deep copy and return records.
 ``simulate(config, effect, rng) -> records``
     Raw records as ``run_unit`` would return them (same keys, same shapes), drawn from a
     model of the study's data in which the primary contrast's true effect is ``effect``
@@ -35,17 +41,35 @@ and ends with ``STUDY = Study(...)``:
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Literal
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from safetylab.claims import Claim, ControlResult, ThreatModel, VerdictRecord
 
 Scale = Literal["quick", "paper"]
+
+
+def json_safe(value: Any) -> Any:
+    """Non-finite floats become None (JSON has no NaN); tuples become lists; numpy scalars
+    and :class:`~safetylab.metrics.stats.Interval` become plain JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "to_dict") and callable(value.to_dict):  # Interval
+        return json_safe(value.to_dict())
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        return json_safe(value.item())
+    return value
 
 
 class StudyConfig(BaseModel):
@@ -55,6 +79,61 @@ class StudyConfig(BaseModel):
 
     seed: int = Field(0, ge=0)
     """Master seed; every unit derives its own seed from it and the unit key."""
+
+
+class OrganismStudyConfig(StudyConfig):
+    """Base of every ``Config`` that loads model organisms: one name per shared field.
+
+    ``organism_scale``, ``organism_seeds`` (training seeds per variant), ``base_seed`` (the first
+    seed; with ``shared_base`` every fine-tuned seed starts from this base) and :meth:`request`,
+    the one way from a config to the organism it loads. The names studies used before
+    (``organism_seed``, ``source_seeds``, ``seeds`` for organism seeds) still work for one
+    release, with a one-line deprecation note.
+    """
+
+    organism_scale: Literal["tiny", "quick", "paper"] = "paper"
+    """Size of the organisms (tiny: tests; quick: minutes on CPU; paper: the study's full size)."""
+    organism_seeds: int = Field(5, ge=1)
+    """Training seeds per organism variant (the unit of replication of claims about training)."""
+    base_seed: int = Field(0, ge=0)
+    """First training seed; seeds are base_seed, base_seed + 1, ... With ``shared_base`` every
+    fine-tuned seed starts from the base of this seed."""
+    shared_base: bool = False
+    """Fine-tune every seed of a variant from one base (seed base_seed) instead of each seed's own
+    base (cheaper; the base's own error is then shared by every seed)."""
+
+    DEPRECATED_NAMES: ClassVar[dict[str, str]] = {"organism_seed": "base_seed"}
+    """Old config key -> new one; a study adds its own (e.g. ``source_seeds``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        for old, new in cls.DEPRECATED_NAMES.items():
+            if old in values:
+                if new in values:
+                    raise ValueError(f"'{old}' is the old name of '{new}'; give only '{new}'")
+                print(f"note: config key '{old}' is deprecated, use '{new}' (it still works in this release)",
+                      file=sys.stderr)
+                values[new] = values.pop(old)
+        return values
+
+    def organism_seed_list(self) -> list[int]:
+        """The training seeds of every fine-tuned variant."""
+        return list(range(self.base_seed, self.base_seed + self.organism_seeds))
+
+    def request(self, variant: str, seed: int | None = None, **kwargs: Any) -> Any:
+        """The organism ``variant`` at training ``seed`` (``None``: ``base_seed``), from the shared base
+        when ``shared_base`` is on; ``kwargs`` go to :class:`~safetylab.organisms.cache.OrganismRequest`
+        (e.g. ``overrides``). Organisms trained from scratch (``base``, ``never-taught``) ignore the
+        shared base, as ``organism_config`` does."""
+        from safetylab.organisms.cache import OrganismRequest
+
+        kwargs.setdefault("base_seed", self.base_seed if self.shared_base else None)
+        return OrganismRequest(variant, kwargs.pop("scale", self.organism_scale),
+                               seed=int(self.base_seed if seed is None else seed), **kwargs)
 
 
 @dataclass(frozen=True)
@@ -191,6 +270,10 @@ class Study:
     """torch threads for every unit, whatever the executor. Small models run fastest
     (and give the same bits under every executor) on one thread; ``None`` = the
     runner's choice (all cores in process, cores/workers in a pool)."""
+    null: Callable[[Any, list[dict[str, Any]]], list[dict[str, Any]]] | None = None
+    """The run's records with the claimed effect removed on the same units (see the module docstring)."""
+    extreme: Callable[[Any, list[dict[str, Any]]], list[dict[str, Any]]] | None = None
+    """The run's records with the largest effect the design allows."""
     evidence: Callable[[Any], ThreatModel] | None = None
     """The part of ``threat_model`` a config actually measures, e.g. an attack-free config
     covers adversary tier ``none`` only (``ThreatModel.narrow``); ``None``: see

@@ -131,7 +131,7 @@ def coverage_of(runs: list[dict[str, Any]], *, source: str = "") -> dict[str, An
     """The grid over ``runs``: each of the 36 cells with the runs that cover it (their verdicts
     and intervals, and the study's own per-cell measurement where it gives one), the silent
     cells, the flagged runs, and the runs that predate the taxonomy."""
-    from safetylab.studies import available
+    from safetylab.registry import available
 
     cells = []
     for asset in ASSETS:

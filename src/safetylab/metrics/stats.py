@@ -23,6 +23,7 @@ Holm (1979) step-down correction.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -178,27 +179,28 @@ def clustered_mean_interval(
         var = float(y.var(ddof=1) / n) if n > 1 else math.nan
         df = n - 1
         method = f"Student t over {n} independent units"
-    elif len(parts) == 1 or parts[0] <= 1e-30:
-        # One grouping -- or seeds whose means agree exactly (e.g. seeds fine-tuned from one base
-        # that give the same outputs by construction): the seeds then carry no variance of their
-        # own, and the clusters alone set the interval.
-        var, df = parts[-1], dfs[-1]
-        method = f"cluster-robust (CR1) t over {names[-1]}, df {df}" + (
-            f" (the {names[0]} agree exactly)" if len(parts) == 2 else "")
+    elif len(parts) == 1:
+        var, df = parts[0], dfs[0]
+        method = f"cluster-robust (CR1) t over {names[0]}, df {df}"
     else:
         both = np.char.add(np.char.add(np.asarray(seeds).astype(str), "\x1f"), np.asarray(clusters).astype(str))
         v_b, _ = _cluster_var(e, both, n)
         var = max(parts[0] + parts[1] - (v_b if math.isfinite(v_b) else 0.0), parts[0], parts[1])
-        # df of the scarcer grouping (Cameron, Gelbach & Miller 2011). Welch–Satterthwaite df
-        # were tried and cover only ~91% with 3 seeds: 2 df cannot tell a small seed
-        # component from an unlucky draw.
+        # df of the scarcer grouping (Cameron, Gelbach & Miller 2011), kept even when one grouping's
+        # means tie exactly (seeds fine-tuned from one base that answer alike): 3 seeds that agree are
+        # still 3 seeds, not evidence that seeds do not matter, so the grouping is never dropped.
+        # Welch–Satterthwaite df were tried and cover only ~91% with 3 seeds: 2 df cannot tell a
+        # small seed component from an unlucky draw.
         df = min(dfs)
         method = f"two-way cluster-robust t over {names[0]} x {names[1]}, df {df}"
+        if parts[0] <= 1e-30 or parts[1] <= 1e-30:
+            method += f" (the {names[0] if parts[0] <= 1e-30 else names[1]} agree exactly; kept as a grouping)"
     se = math.sqrt(var) if math.isfinite(var) and var > 0 else 0.0
     if se_floor > se:
         # The groups vary less than sampling alone would make them: the floor (a binomial
-        # standard error over all n observations) sets the width, with its own df.
-        se, df = se_floor, max(df, n - 1)
+        # standard error over all n observations) sets the width. The df stay the groupings':
+        # groups that happen to tie are no more of them than groups that differ.
+        se = se_floor
         method += "; standard error at its binomial floor"
     est_, lo, hi = t_interval(est, se, df, confidence, bounds=bounds)
     if bounds is not None:
@@ -271,3 +273,154 @@ def format_interval(est: float | None, lo: float | None, hi: float | None, digit
         return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
     return f"{f(est)} [{f(lo)}, {f(hi)}]"
+
+
+# --------------------------------------------------------------------------- typed intervals
+# Protocol v2: every interval a study hands to ``claims.decide`` is an :class:`Interval`, so the
+# protocol (multiplicity, controls, the verdict) never guesses which dict key holds what.
+
+
+def _finite(v: Any) -> float | None:
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate with its two-sided interval over the unit that replicates.
+
+    ``se`` and ``df`` (Student t) let :func:`safetylab.claims.decide` recompute the interval at
+    another level (multiplicity over k treatments) and give one-sided p-values; an interval
+    with no ``se`` (exact binomial, bootstrap) can be judged only at its own ``level``.
+    Non-finite values become ``None``; the bounds are clipped to ``bounds``.
+    """
+
+    estimate: float | None
+    lo: float | None = None
+    hi: float | None = None
+    n: int = 0
+    """Independent units behind the interval (seeds, clusters)."""
+    method: str = ""
+    """How it was computed, in words (e.g. 'two-way cluster-robust t over 3 seeds x 18 hazards, df 2')."""
+    se: float | None = None
+    df: float | None = None
+    level: float = 0.95
+    bounds: tuple[float, float] | None = None
+    """The quantity's range (a rate: (0, 1); a difference of rates: (-1, 1))."""
+
+    def __post_init__(self) -> None:
+        est, lo, hi, se = (_finite(v) for v in (self.estimate, self.lo, self.hi, self.se))
+        if self.bounds is not None:
+            lo = None if lo is None else max(self.bounds[0], lo)
+            hi = None if hi is None else min(self.bounds[1], hi)
+        for name, v in (("estimate", est), ("lo", lo), ("hi", hi), ("se", se)):
+            object.__setattr__(self, name, v)
+        object.__setattr__(self, "df", _finite(self.df))
+
+    @property
+    def measured(self) -> bool:
+        """An estimate exists."""
+        return self.estimate is not None
+
+    @property
+    def decided(self) -> bool:
+        """Both bounds exist (an interval a verdict can be read off)."""
+        return self.lo is not None and self.hi is not None
+
+    def __format__(self, spec: str) -> str:
+        digits = int(spec[1:-1]) if spec.startswith(".") and spec.endswith("f") else 2
+        return format_interval(self.estimate, self.lo, self.hi, digits)
+
+    def __str__(self) -> str:
+        return format_interval(self.estimate, self.lo, self.hi, 3)
+
+    def at_level(self, level: float) -> "Interval":
+        """The same estimate with a Student-t interval at ``level`` (needs ``se`` and ``df``)."""
+        if level == self.level:
+            return self
+        if self.estimate is None:
+            return replace(self, level=level)
+        if self.se is None or self.df is None:
+            raise ValueError(f"an interval without se/df ({self.method or 'no method'}) cannot be moved to level "
+                             f"{level}; give the study's Interval se and df, or one treatment only")
+        _, lo, hi = t_interval(self.estimate, self.se, self.df, level, bounds=self.bounds)
+        return replace(self, lo=lo, hi=hi, level=level)
+
+    def p_value(self, threshold: float, direction: str = "greater") -> float:
+        """One-sided p-value of 'the true value is on the wrong side of ``threshold``' (t(df));
+        ``nan`` without ``se``."""
+        if self.estimate is None or self.se is None or self.df is None:
+            return math.nan
+        p = t_pvalue_greater(self.estimate, self.se, self.df, threshold)
+        return p if direction == "greater" else (1.0 - p if math.isfinite(p) else p)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: estimate, lo, hi, n, se, df, level, method."""
+        return {"estimate": self.estimate, "lo": self.lo, "hi": self.hi, "n": self.n, "se": self.se,
+                "df": self.df, "level": self.level, "method": self.method}
+
+
+def interval_of(stats: dict[str, Any], *, bounds: Bounds = None, n: int | None = None,
+                level: float = 0.95) -> Interval:
+    """An :class:`Interval` from :func:`clustered_mean_interval`'s dict."""
+    groups = max(int(stats.get("n_seeds") or 0), int(stats.get("n_clusters") or 0))
+    return Interval(stats["estimate"], stats["lo"], stats["hi"], n=n if n is not None else groups,
+                    method=stats.get("method", ""), se=stats.get("se"), df=stats.get("df") or None, level=level,
+                    bounds=bounds)
+
+
+def mean_interval(values: Sequence[float] | np.ndarray, *, confidence: float = 0.95, bounds: Bounds = None,
+                  se_floor: float = 0.0, unit: str = "units") -> Interval:
+    """Mean over independent units (one value each: a seed, a paired difference) with its Student-t
+    interval, as an :class:`Interval` that keeps se and df. ``unit`` names them in ``method``."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return Interval(None, method=f"no {unit}", level=confidence, bounds=bounds)
+    m = float(x.mean())
+    if x.size == 1:
+        return Interval(m, n=1, method=f"one {unit.rstrip('s')}: no interval", level=confidence, bounds=bounds)
+    se = float(x.std(ddof=1) / math.sqrt(x.size))
+    method = f"Student t over {x.size} {unit}"
+    if se_floor > se:
+        se, method = se_floor, method + "; standard error at its binomial floor"
+    _, lo, hi = t_interval(m, se, x.size - 1, confidence, bounds=bounds)
+    return Interval(m, lo, hi, n=int(x.size), method=method, se=se, df=float(x.size - 1), level=confidence,
+                    bounds=bounds)
+
+
+def rate_interval(values: Sequence[float] | np.ndarray, *, seeds: Sequence[Any] | np.ndarray | None = None,
+                  clusters: Sequence[Any] | np.ndarray | None = None, bounds: Bounds = (0.0, 1.0),
+                  binary: bool = True, confidence: float = 0.95) -> Interval:
+    """Mean of per-observation outcomes (0/1, or fractions with ``binary=False``) with a cluster-robust
+    t interval over ``seeds`` and ``clusters`` (:func:`clustered_mean_interval`). A 0/1 mean gets a
+    binomial standard-error floor, so 200 refusals of 200 give a narrow interval, not a zero-width
+    one. Seeds are a grouping only when there are several of them."""
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        return Interval(None, method="no observations", level=confidence, bounds=bounds)
+    if seeds is not None and np.unique(np.asarray(seeds)).size < 2:
+        seeds = None
+    floor = rate_se_floor([int(round(float(np.abs(v).sum())))], [v.size]) if binary else 0.0
+    r = clustered_mean_interval(v, seeds=seeds, clusters=clusters, confidence=confidence, bounds=bounds,
+                                se_floor=floor)
+    return interval_of(r, bounds=bounds, level=confidence)
+
+
+def difference(a: Interval, b: Interval, *, bounds: Bounds = None, method: str = "") -> Interval:
+    """``a − b`` for two independently estimated quantities (e.g. a treatment's seeds against one
+    shared base's own estimate): the variances add, so the base's own error is carried; df by
+    Welch–Satterthwaite. ``nan`` bounds when either lacks ``se``."""
+    if a.estimate is None or b.estimate is None:
+        return Interval(None, method=method or "one side not measured", bounds=bounds)
+    est = a.estimate - b.estimate
+    if a.se is None or b.se is None or a.df is None or b.df is None:
+        return Interval(est, n=min(a.n, b.n), method=method or "difference without standard errors", bounds=bounds)
+    va, vb = a.se ** 2, b.se ** 2
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / ((va ** 2 / a.df if va else 0.0) + (vb ** 2 / b.df if vb else 0.0)) if va + vb > 0 else 1.0
+    df = max(1.0, min(df, a.df + b.df))
+    _, lo, hi = t_interval(est, se, df, a.level, bounds=bounds)
+    return Interval(est, lo, hi, n=min(a.n, b.n), se=se, df=df, level=a.level, bounds=bounds,
+                    method=method or f"difference of independent estimates, variances added (Welch df {df:.1f})")

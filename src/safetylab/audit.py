@@ -1,0 +1,113 @@
+"""Counterfactual audits of a verdict on its own records (``safetylab audit RUN_DIR``).
+
+A simulator holds only what its author assumed; a run's records hold what was measured. Each
+study declares two record transforms (:class:`safetylab.study.Study` ``null`` and ``extreme``):
+
+* **null**: the claimed effect removed on the same units (the treatment's outcomes replaced by
+  the control's, paired by seed and request). The study's own ``analyze`` must not say "holds".
+* **extreme**: the largest effect the design allows (every attacked request fails, every exit
+  lost). ``analyze`` must be able to say "holds".
+
+Both are judged on the primary contrast (``contrast_verdict``): a control that failed in the real
+run makes every verdict inconclusive, and the question here is whether the decision rule could
+move at all. A design stuck on one side is a defect however its simulator fares. The full
+verdict is reported beside it. Audits work on deep copies; nothing is written in the run folder.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from safetylab.claims import Verdict
+from safetylab.errors import UserError
+from safetylab.study import Study, StudyConfig
+
+TRANSFORMS = ("null", "extreme")
+
+
+def check_auditable(study: Study) -> None:
+    """UserError (one line, exit 2) when ``study`` declares no record transforms."""
+    if study.null is None or study.extreme is None:
+        raise UserError(f"study '{study.name}' declares no null/extreme record transforms, so its verdict cannot "
+                        "be audited; add null= and extreme= to its STUDY (see safetylab.study)")
+
+
+def _outcome(study: Study, config: StudyConfig, records: list[dict[str, Any]], which: str) -> dict[str, Any]:
+    transform = getattr(study, which)
+    v = study.analyze(config, transform(config, copy.deepcopy(records))).verdict
+    contrast = v.contrast_verdict or v.verdict
+    ok = (contrast is not Verdict.HOLDS and v.verdict is not Verdict.HOLDS) if which == "null" \
+        else contrast is Verdict.HOLDS
+    return {"verdict": v.verdict.value, "label": v.label, "contrast_verdict": contrast.value,
+            "estimate": v.estimate, "ci_low": v.ci_low, "ci_high": v.ci_high, "arm": v.arm, "ok": bool(ok)}
+
+
+def audit_records(study: Study, config: StudyConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Re-run ``study.analyze`` on the null and the extreme transform of ``records``.
+
+    Returns:
+        ``{"null": {...}, "extreme": {...}, "ok": bool, "stuck": str}``; each outcome has the verdict,
+        its label, what the contrast alone says, the estimate and interval, and ``ok``. ``stuck``
+        says which way the design is stuck ("" when it can go both ways).
+    """
+    check_auditable(study)
+    out: dict[str, Any] = {which: _outcome(study, config, records, which) for which in TRANSFORMS}
+    stuck = []
+    if not out["null"]["ok"]:
+        stuck.append("with the effect removed (null) it still says 'holds'")
+    if not out["extreme"]["ok"]:
+        stuck.append("with the largest effect the design allows (extreme) its contrast cannot say 'holds'")
+    out["ok"] = not stuck
+    out["stuck"] = "; ".join(stuck)
+    return out
+
+
+def audit_run(run_dir: Path) -> dict[str, Any]:
+    """Audit a finished run folder (read only).
+
+    Raises:
+        UserError: the folder is missing, not a run, partial (units unfinished or failed), written by
+            an older safetylab whose records this study's transforms cannot read, or its study declares
+            no transforms.
+    """
+    from safetylab.results import RESULTS_FILE, ResultsLog, finished_records, load_run
+
+    study, config, _ = load_run(run_dir)
+    check_auditable(study)
+    log = run_dir / RESULTS_FILE
+    if not log.is_file():
+        raise UserError(f"{run_dir} has no {RESULTS_FILE}: no unit finished; run it with "
+                        f"'safetylab run --resume {run_dir}' first")
+    records_all = ResultsLog(log).read(repair=False)
+    units = study.units(config)
+    records = finished_records(records_all, units)
+    if len(records) < len(units):
+        raise UserError(f"{run_dir} is partial ({len(records)} of {len(units)} units finished); finish it with "
+                        f"'safetylab run --resume {run_dir}', then audit it")
+    try:
+        out = audit_records(study, config, records)
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise UserError(f"{run_dir}'s records lack what the '{study.name}' audit reads ({type(exc).__name__}: "
+                        f"{exc}); they were written by an older safetylab: rerun the study, then audit") from None
+    return {"study": study.name, "run_dir": str(run_dir), "verdict": _real_verdict(study, config, records), **out}
+
+
+def _real_verdict(study: Study, config: StudyConfig, records: list[dict[str, Any]]) -> str:
+    return study.analyze(config, records).verdict.label
+
+
+def audit_lines(audit: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, sentence) pairs for a report's "Could this verdict have come out the other way?"."""
+    from safetylab.metrics.stats import format_interval
+
+    out = []
+    for which, what in (("null", "With the claimed effect removed on the same units (null)"),
+                        ("extreme", "With the largest effect the design allows (extreme)")):
+        o = audit[which]
+        out.append((which, f"{what}: {o['label']}, {format_interval(o['estimate'], o['ci_low'], o['ci_high'], 3)}"
+                           f"; the contrast alone says {o['contrast_verdict']} "
+                           f"({'as it must' if o['ok'] else 'STUCK'})."))
+    out.append(("audit", "The design can go both ways." if audit["ok"] else f"The design is stuck: {audit['stuck']}."))
+    return out
