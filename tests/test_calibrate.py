@@ -1,8 +1,10 @@
 """Every registered study's decision rule is calibrated on its own simulator.
 
-``safetylab calibrate`` at a small N: the rule says "holds" at the null (true effect on
-the threshold) no more often than 5% allows, and reaches its declared power at the
-alternative (both judged with exact intervals, so the small N only widens them).
+``safetylab calibrate`` at a small N: the rule's false-holds estimate at the null (true effect
+on the threshold) is at most 5%, and its power interval reaches the declared power at the
+alternative. A calibration verdict needs 400 draws (``safetylab calibrate STUDY --n 400``,
+run for every study before a release); the suite's N keeps it to minutes, so it checks the
+same two rates without claiming the verdict.
 """
 
 import json
@@ -23,13 +25,13 @@ def test_every_study_is_calibrated(name):
     assert study.simulate is not None and study.calibration is not None, f"{name} has no simulator"
     res = calibrate(study, N_TEST, seed=1)
     null, alt = res["null"], res["alternative"]
-    # Observed false holds at the null: at most 5% within Monte-Carlo error.
-    assert null["ok"], f"{name}: says 'holds' in {null['holds_rate']:.1%} of runs at the null {null}"
-    assert null["holds_rate"] <= 0.10
+    # Observed false holds at the null: the estimate itself at most 5%.
+    assert null["ok"] and null["holds_rate"] <= 0.05, \
+        f"{name}: says 'holds' in {null['holds_rate']:.1%} of runs at the null {null}"
     # The simulator's controls behave as designed, so the verdict is the contrast's.
     assert alt["ok"], f"{name}: power {alt['holds_rate']:.1%} below declared {alt['declared_power']:.0%}"
     assert alt["holds_rate"] >= 0.5
-    assert res["calibrated"]
+    assert not res["calibrated"] and not res["enough_draws"]  # N_TEST < 400: no calibration verdict
 
 
 def _cli(*args):

@@ -1,0 +1,293 @@
+"""Protocol v2: studies measure, one ``decide`` judges, and every verdict is audited on its own records.
+
+The toy study (``tests/toy_study.py``) runs in seconds through the real CLI; the registry
+tests hold every built-in study to the same contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import toy_study
+from safetylab.audit import audit_records
+from safetylab.calibrate import MIN_DRAWS, calibrate
+from safetylab.claims import Evidence, NotRun, Verdict, decide
+from safetylab.metrics.stats import Interval, difference, mean_interval, rate_interval
+from safetylab.registry import REGISTRY, get_study
+
+HERE = Path(__file__).parent
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "SAFETYLAB_STUDIES": "toy=toy_study", "SAFETYLAB_CACHE": str(cwd or HERE)}
+    return subprocess.run([sys.executable, "-m", "safetylab.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd)
+
+
+def _records(config, effect=0.6, seed=0):
+    return toy_study.simulate(config, effect, np.random.default_rng(seed))
+
+
+# --------------------------------------------------------------------------- decide
+
+
+def _iv(est, lo, hi, se=None, df=None):
+    return Interval(est, lo, hi, n=5, se=se, df=df)
+
+
+def test_controls_are_judged_by_name_not_position():
+    """Reordering CLAIM.controls must not swap what each control is judged on."""
+    ev = Evidence(primary={"treated": _iv(0.5, 0.3, 0.7)},
+                  controls={"placebo shows none": _iv(0.6, 0.4, 0.8), "planted effect is seen": _iv(1.0, 0.9, 1.1)})
+    claim = toy_study.CLAIM
+    flipped = claim.model_copy(update={"controls": tuple(reversed(claim.controls))})
+    for c in (claim, flipped):
+        status = {r.name: r.status for r in decide(c, ev).controls}
+        assert status == {"planted effect is seen": "pass", "placebo shows none": "fail"}
+    d = decide(claim, ev)
+    assert d.verdict.verdict is Verdict.INCONCLUSIVE and "control failed: placebo shows none" in d.verdict.reason
+    assert d.verdict.contrast_verdict is Verdict.HOLDS
+
+
+def test_evidence_must_name_every_declared_control():
+    ev = Evidence(primary={"treated": _iv(0.5, 0.3, 0.7)}, controls={"planted effect is seen": _iv(1, 0.9, 1.1)})
+    with pytest.raises(ValueError, match="placebo shows none"):
+        decide(toy_study.CLAIM, ev)
+    ev = Evidence(primary={"treated": _iv(0.5, 0.3, 0.7)},
+                  controls={"planted effect is seen": _iv(1, 0.9, 1.1), "placebo shows none": NotRun("x"),
+                            "a control nobody declared": NotRun("y")})
+    with pytest.raises(ValueError, match="undeclared"):
+        decide(toy_study.CLAIM, ev)
+
+
+def test_one_treatment_claim_rejects_several_primary_arms():
+    ok = {"planted effect is seen": _iv(1, 0.9, 1.1), "placebo shows none": _iv(0, -0.1, 0.1)}
+    with pytest.raises(ValueError, match="one treatment"):
+        decide(toy_study.CLAIM, Evidence(primary={"a": _iv(0.5, 0.3, 0.7), "b": _iv(0.5, 0.3, 0.7)}, controls=ok))
+
+
+def _holm_claim():
+    return toy_study.CLAIM.model_copy(update={"contrast": toy_study.CLAIM.contrast.model_copy(
+        update={"treatment": ("a", "b", "c"), "multiplicity": "holm"})})
+
+
+def test_at_least_one_of_k_moves_every_arm_to_the_bonferroni_level():
+    """k = 3 arms: each interval at 1 − 0.05/3, the one with the smallest Holm p decides, and the
+    label says Bonferroni (Holm's first step), not 'Holm interval'."""
+    ok = {"planted effect is seen": _iv(1, 0.9, 1.1), "placebo shows none": _iv(0, -0.1, 0.1)}
+    arms = {"a": mean_interval([0.50, 0.55, 0.60, 0.58, 0.52]), "b": mean_interval([0.1, 0.3, 0.2, 0.25, 0.15]),
+            "c": mean_interval([0.0, 0.05, -0.05, 0.02, 0.01])}
+    d = decide(_holm_claim(), Evidence(primary=arms, controls=ok))
+    assert d.arm == "a" and d.verdict.verdict is Verdict.HOLDS
+    assert d.verdict.confidence == pytest.approx(1 - 0.05 / 3)
+    assert d.arms["a"].hi - d.arms["a"].lo > arms["a"].hi - arms["a"].lo  # wider than its 95% interval
+    assert "Bonferroni" in d.verdict.interval_method and d.p_holm["a"] < 0.05
+    # An arm clear of the threshold at 95% but not at 98.3% does not make the claim hold.
+    x = [0.21, 0.23, 0.25, 0.27, 0.29]
+    assert mean_interval(x).lo > 0.2 and mean_interval(x).at_level(1 - 0.05 / 3).lo <= 0.2
+    d = decide(_holm_claim(), Evidence(primary={"a": mean_interval(x), "b": arms["c"], "c": arms["c"]}, controls=ok))
+    assert d.verdict.verdict is Verdict.INCONCLUSIVE and "too little power" in d.verdict.reason
+
+
+def test_does_not_hold_needs_every_arm_below():
+    ok = {"planted effect is seen": _iv(1, 0.9, 1.1), "placebo shows none": _iv(0, -0.1, 0.1)}
+    low = mean_interval([0.0, 0.01, -0.01, 0.02, 0.0])
+    d = decide(_holm_claim(), Evidence(primary={"a": low, "b": low, "c": mean_interval([0.1, 0.3, 0.2, 0.4, 0.0])},
+                                       controls=ok))
+    assert d.verdict.verdict is Verdict.INCONCLUSIVE
+    d = decide(_holm_claim(), Evidence(primary={"a": low, "b": low, "c": low}, controls=ok))
+    assert d.verdict.verdict is Verdict.DOES_NOT_HOLD and d.verdict.reason == ""
+
+
+@pytest.mark.parametrize("evidence, why", [
+    (Evidence(primary={}, controls={"planted effect is seen": NotRun("a"), "placebo shows none": NotRun("b")},
+              missing="no seed finished"), "control not run"),
+    (Evidence(primary={}, controls={"planted effect is seen": _iv(1, 0.9, 1.1), "placebo shows none": _iv(0, -.1, .1)},
+              missing="no seed finished"), "nothing measured: no seed finished"),
+    (Evidence(primary={"treated": _iv(0.25, 0.1, 0.4)},
+              controls={"planted effect is seen": _iv(1, 0.9, 1.1), "placebo shows none": _iv(0, -.1, .1)}),
+     "too little power"),
+    (Evidence(primary={"treated": _iv(0.25, None, None)},
+              controls={"planted effect is seen": _iv(1, 0.9, 1.1), "placebo shows none": _iv(0, -.1, .1)}),
+     "no interval"),
+    (Evidence(primary={"treated": _iv(0.9, 0.8, 1.0)},
+              controls={"planted effect is seen": _iv(1, 0.9, 1.1), "placebo shows none": _iv(0, -.1, .1)},
+              premises=("accidents are not rare at this budget",)), "premise not met: accidents are not rare"),
+])
+def test_inconclusive_always_says_why(evidence, why):
+    v = decide(toy_study.CLAIM, evidence).verdict
+    assert v.verdict is Verdict.INCONCLUSIVE and why in v.reason and why in v.label
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def test_interval_clips_to_bounds_and_keeps_se_for_other_levels():
+    iv = rate_interval(np.r_[np.ones(199), 0], clusters=np.arange(200) % 10)
+    assert 0.0 <= iv.lo <= iv.estimate <= iv.hi <= 1.0 and iv.se > 0 and iv.df == 9
+    wider = iv.at_level(0.99)
+    assert wider.lo < iv.lo and wider.hi <= 1.0
+    assert f"{iv:.2f}".startswith("0.99 [") and str(iv).count(".") == 3
+
+
+def test_difference_carries_both_errors():
+    """A treatment's seeds against one shared base: the base's own error is carried."""
+    a, b = mean_interval([0.50, 0.52, 0.54]), mean_interval([0.30, 0.40, 0.35])
+    d = difference(a, b)
+    assert d.estimate == pytest.approx(0.17)
+    assert d.se == pytest.approx(math.sqrt(a.se ** 2 + b.se ** 2))
+    assert d.hi - d.lo > a.hi - a.lo
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def test_audit_moves_the_toy_verdict_both_ways():
+    config = toy_study.Config()
+    recs = _records(config)
+    assert toy_study.analyze(config, recs).verdict.verdict is Verdict.HOLDS
+    out = audit_records(toy_study.STUDY, config, recs)
+    assert out["ok"] and out["null"]["contrast_verdict"] != "holds" and out["extreme"]["contrast_verdict"] == "holds"
+    # A run where the effect is absent can still hold at the extreme: the design can go both ways.
+    out = audit_records(toy_study.STUDY, config, _records(config, effect=0.0))
+    assert out["ok"] and out["extreme"]["verdict"] == "holds"
+
+
+def test_audit_finds_a_design_stuck_on_holds():
+    """A 'null' that leaves the effect in place is what a design that cannot fail looks like."""
+    stuck = dataclasses.replace(toy_study.STUDY, null=lambda config, recs: recs)
+    out = audit_records(stuck, toy_study.Config(), _records(toy_study.Config()))
+    assert not out["ok"] and "null" in out["stuck"] and out["null"]["verdict"] == "holds"
+
+
+def _folder_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toyruns")
+    out = _cli("run", "toy", "--out", str(root), "--quiet", "--workers", "1", cwd=root)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = list((root / "toy").iterdir())
+    return run_dir
+
+
+def test_audit_cli_prints_both_outcomes_and_writes_nothing(toy_run):
+    before = _folder_digest(toy_run)
+    out = _cli("audit", str(toy_run), "--json", cwd=toy_run.parent)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["ok"] and res["verdict"] == "holds"
+    assert res["null"]["verdict"] != "holds" and res["extreme"]["verdict"] == "holds"
+    text = _cli("audit", str(toy_run), cwd=toy_run.parent)
+    assert text.returncode == 0 and "null" in text.stdout and "extreme" in text.stdout
+    assert _folder_digest(toy_run) == before
+
+
+def test_report_says_whether_the_verdict_could_have_come_out_the_other_way(toy_run):
+    summary = json.loads((toy_run / "summary.json").read_text())
+    assert summary["audit"]["ok"] and summary["audit"]["null"]["verdict"] != "holds"
+    for name in ("report.md", "report.html"):
+        text = (toy_run / name).read_text()
+        assert "Could this verdict have come out the other way?" in text and "(null)" in text
+
+
+def test_audit_bad_input_is_one_line_exit_2_and_nothing_written(toy_run, tmp_path):
+    import shutil
+
+    def one_line_exit_2(out, words):
+        assert out.returncode == 2, out.stdout + out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], lines
+
+    one_line_exit_2(_cli("audit", str(tmp_path / "nope")), "does not exist")
+    partial = tmp_path / "partial"
+    shutil.copytree(toy_run, partial)
+    lines = (partial / "results.jsonl").read_text().splitlines(keepends=True)
+    (partial / "results.jsonl").write_text("".join(lines[:-2]))
+    before = _folder_digest(partial)
+    one_line_exit_2(_cli("audit", str(partial)), "partial")
+    assert _folder_digest(partial) == before
+    older = tmp_path / "older"
+    shutil.copytree(toy_run, older)
+    recs = [json.loads(x) for x in (older / "results.jsonl").read_text().splitlines()]
+    for r in recs:
+        r["result"].pop("plain")
+    (older / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    before = _folder_digest(older)
+    one_line_exit_2(_cli("audit", str(older)), "older safetylab")
+    assert _folder_digest(older) == before
+    mod = tmp_path / "notransforms_study.py"
+    mod.write_text("import dataclasses, toy_study\n"
+                   "STUDY = dataclasses.replace(toy_study.STUDY, name='bare', null=None, extreme=None)\n")
+    env_run = tmp_path / "bare"
+    shutil.copytree(toy_run, env_run)
+    env = json.loads((env_run / "env.json").read_text())
+    (env_run / "env.json").write_text(json.dumps({**env, "study": "bare"}))
+    out = subprocess.run([sys.executable, "-m", "safetylab.cli", "audit", str(env_run)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{tmp_path}",
+                              "SAFETYLAB_STUDIES": "bare=notransforms_study"})
+    one_line_exit_2(out, "declares no null/extreme")
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_calibration_accepts_on_the_estimate_and_needs_400_draws():
+    res = calibrate(toy_study.STUDY, 60, seed=0)
+    assert res["null"]["ok"] == (res["null"]["holds_rate"] <= 0.05)
+    assert not res["enough_draws"] and not res["calibrated"]  # too few draws for a verdict
+    res = calibrate(toy_study.STUDY, MIN_DRAWS, seed=0)
+    assert res["calibrated"] and res["null"]["holds_rate"] <= 0.05 and 0.5 < res["alternative"]["holds_rate"] < 1
+
+
+def test_calibrate_against_a_real_run(toy_run, tmp_path):
+    out = _cli("calibrate", "toy", "--against", str(toy_run), "--n", "40", "--json", cwd=toy_run.parent)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["agrees"] and 0.5 <= res["ratio"] <= 2
+    # A simulator whose seeds vary five times as much as the run's: said, exit 1.
+    mod = tmp_path / "noisy_study.py"
+    mod.write_text(
+        "import dataclasses, toy_study\n"
+        "def simulate(config, effect, rng):\n"
+        "    return toy_study.simulate(config.model_copy(update={'noise': 5 * config.noise}), effect, rng)\n"
+        "STUDY = dataclasses.replace(toy_study.STUDY, name='toy', simulate=simulate)\n")
+    out = subprocess.run([sys.executable, "-m", "safetylab.cli", "calibrate", "toy", "--against", str(toy_run), "--n",
+                          "40", "--json"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}",
+                              "SAFETYLAB_STUDIES": "toy=noisy_study"})
+    assert out.returncode == 1, out.stderr
+    res = json.loads(out.stdout)
+    assert res["agrees"] is False and res["ratio"] > 2 and "more than 2x" in res["note"]
+
+
+# --------------------------------------------------------------------------- every registered study
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_study_declares_its_audit_and_judges_its_controls_by_name(name):
+    """The conformance test of protocol v2: null/extreme transforms exist, and the analysis of
+    simulated records judges exactly the declared controls, in their declared order, through
+    ``decide`` (which rejects evidence that misses or invents a control)."""
+    study = get_study(name)
+    assert study.null is not None and study.extreme is not None, f"{name} declares no audit transforms"
+    cal = study.calibration
+    config = study.resolve_config(cal.scale, cal.overrides)
+    analysis = study.analyze(config, study.simulate(config, cal.alternative_effect, np.random.default_rng(0)))
+    assert [c.name for c in analysis.controls] == [c.name for c in study.claim.controls]
+    v = analysis.verdict
+    assert v.verdict is not Verdict.INCONCLUSIVE or v.reason, f"{name}: inconclusive without a reason"
