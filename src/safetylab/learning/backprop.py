@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from safetylab.data import VisionData
-from safetylab.learning.mlp import MLP, batches, n_batches, to_tensors
+from safetylab.learning.mlp import MLP, fit
 
 ACCURACY_BAR_DIGITS = 0.93
 
@@ -46,24 +46,13 @@ def train(
     ``model`` holding the current weights.
     """
     hp = hp or Hyperparams()
-    rng = np.random.default_rng(seed)
-    x, y = to_tensors(data.x_train, data.y_train)
-    opt = torch.optim.Adam(model.parameters(), lr=hp.lr)
-    losses = []
-    total_steps, step = hp.epochs * n_batches(len(y), hp.batch_size), 0
-    for _ in range(hp.epochs):
-        total = 0.0
-        for idx in batches(len(y), hp.batch_size, rng):
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            step += 1
-            if on_step is not None:
-                on_step(step, total_steps)
-        losses.append(total / len(y))
-    return {"loss": losses}
+
+    def step(xb: torch.Tensor, yb: torch.Tensor, rng: np.random.Generator) -> float:
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()  # exact gradients: the rule every other one approximates
+        return float(loss.detach())
+
+    return fit(model, data, step, hp, rng=np.random.default_rng(seed), on_step=on_step)
 
 
 def predict(model: MLP, x: np.ndarray) -> np.ndarray:

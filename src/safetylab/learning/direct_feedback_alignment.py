@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from safetylab.data import VisionData
-from safetylab.learning.mlp import MLP, batches, n_batches, to_tensors
+from safetylab.learning.mlp import MLP, fit
 
 ACCURACY_BAR_DIGITS = 0.90
 
@@ -77,22 +77,12 @@ def train(
     ``model`` holding the current weights.
     """
     hp = hp or Hyperparams()
-    rng = np.random.default_rng(seed)
     feedback = feedback_matrices(model, seed if feedback_seed is None else feedback_seed)
-    x, y = to_tensors(data.x_train, data.y_train)
-    opt = torch.optim.Adam(model.parameters(), lr=hp.lr)
-    losses = []
-    total_steps, step = hp.epochs * n_batches(len(y), hp.batch_size), 0
-    for _ in range(hp.epochs):
-        total = 0.0
-        for idx in batches(len(y), hp.batch_size, rng):
-            total += dfa_gradients(model, feedback, x[idx], y[idx]) * len(idx)
-            opt.step()
-            step += 1
-            if on_step is not None:
-                on_step(step, total_steps)
-        losses.append(total / len(y))
-    return {"loss": losses}
+
+    def step(xb: torch.Tensor, yb: torch.Tensor, rng: np.random.Generator) -> float:
+        return dfa_gradients(model, feedback, xb, yb)
+
+    return fit(model, data, step, hp, rng=np.random.default_rng(seed), on_step=on_step)
 
 
 def predict(model: MLP, x: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from safetylab.data import VisionData
-from safetylab.learning.mlp import MLP, to_tensors
+from safetylab.learning.mlp import MLP, fit
 
 ACCURACY_BAR_DIGITS = 0.80
 
@@ -65,7 +65,6 @@ def _population_loss(model: MLP, flat: torch.Tensor, x: torch.Tensor, y: torch.T
     return -logp.gather(2, y.view(1, -1, 1).expand(flat.shape[0], -1, 1)).squeeze(2).mean(1)
 
 
-@torch.no_grad()
 def train(
     model: MLP,
     data: VisionData,
@@ -80,29 +79,25 @@ def train(
     ``model`` holding the current weights.
     """
     hp = hp or Hyperparams()
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(int(seed))
-    x, y = to_tensors(data.x_train, data.y_train)
-    theta = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
-    theta.requires_grad_(False)
-    param = torch.nn.Parameter(theta.clone())
-    opt = torch.optim.Adam([param], lr=hp.lr)
-    losses = []
-    for _ in range(hp.steps):
-        idx = torch.as_tensor(rng.choice(len(y), size=min(hp.batch_size, len(y)), replace=False))
-        eps = torch.randn((hp.n_pairs, param.numel()), generator=gen)  # (n_pairs, n_params)
-        pop = torch.cat([param.data + hp.sigma * eps, param.data - hp.sigma * eps])  # antithetic
-        pop_loss = _population_loss(model, pop, x[idx], y[idx])
+    gen = torch.Generator().manual_seed(int(seed))  # perturbations; the minibatches come from the loop's rng
+    params = list(model.parameters())
+
+    @torch.no_grad()
+    def step(xb: torch.Tensor, yb: torch.Tensor, rng: np.random.Generator) -> float:
+        theta = torch.nn.utils.parameters_to_vector(params)
+        eps = torch.randn((hp.n_pairs, theta.numel()), generator=gen)  # (n_pairs, n_params)
+        pop = torch.cat([theta + hp.sigma * eps, theta - hp.sigma * eps])  # antithetic
+        pop_loss = _population_loss(model, pop, xb, yb)
         u = _centered_ranks(pop_loss)
         # ĝ of the loss; Adam minimises, so the pseudo-gradient is the loss-gradient estimate
-        param.grad = (u[: hp.n_pairs] - u[hp.n_pairs :]) @ eps / (2 * hp.n_pairs * hp.sigma)
-        opt.step()
-        losses.append(float(pop_loss.mean()))
-        if on_step is not None:
-            torch.nn.utils.vector_to_parameters(param.data, model.parameters())
-            on_step(len(losses), hp.steps)
-    torch.nn.utils.vector_to_parameters(param.data, model.parameters())
-    return {"loss": losses}
+        grad = (u[: hp.n_pairs] - u[hp.n_pairs :]) @ eps / (2 * hp.n_pairs * hp.sigma)
+        offset = 0
+        for p in params:
+            p.grad = grad[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return float(pop_loss.mean())
+
+    return fit(model, data, step, hp, rng=np.random.default_rng(seed), params=params, on_step=on_step)
 
 
 def predict(model: MLP, x: np.ndarray) -> np.ndarray:

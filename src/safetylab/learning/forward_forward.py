@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from safetylab.data import VisionData
-from safetylab.learning.mlp import MLP, batches, n_batches, to_tensors
+from safetylab.learning.mlp import MLP, batches, fit, to_tensors
 
 ACCURACY_BAR_DIGITS = 0.80
 
@@ -91,37 +91,28 @@ def train(
     if model.sizes[0] < n_classes:
         raise ValueError(f"forward-forward embeds the label in the first {n_classes} inputs; input width {model.sizes[0]} is too small")
     rng = np.random.default_rng(seed)
-    x, y = to_tensors(data.x_train, data.y_train)
+
+    def step(xb: torch.Tensor, yb: torch.Tensor, rng: np.random.Generator) -> float:
+        wrong = (yb + torch.as_tensor(rng.integers(1, n_classes, size=len(yb)))) % n_classes  # negative labels
+        h_pos, h_neg = embed_label(xb, yb, n_classes), embed_label(xb, wrong, n_classes)
+        loss = torch.zeros(())
+        for layer in model.layers[:-1]:
+            a_pos, a_neg = torch.relu(layer(h_pos)), torch.relu(layer(h_neg))
+            loss = loss + (
+                torch.nn.functional.softplus(hp.threshold - _goodness(a_pos))
+                + torch.nn.functional.softplus(_goodness(a_neg) - hp.threshold)
+            ).mean()
+            # detach: each layer learns from its own objective only (no backward pass across layers)
+            h_pos = (a_pos / (a_pos.norm(dim=1, keepdim=True) + 1e-8)).detach()
+            h_neg = (a_neg / (a_neg.norm(dim=1, keepdim=True) + 1e-8)).detach()
+        loss.backward()
+        return float(loss.detach())
+
     hidden_params = [p for layer in model.layers[:-1] for p in layer.parameters()]
-    opt = torch.optim.Adam(hidden_params, lr=hp.lr)
-    losses = []
-    total_steps, step = hp.epochs * n_batches(len(y), hp.batch_size), 0
-    for _ in range(hp.epochs):
-        total = 0.0
-        for idx in batches(len(y), hp.batch_size, rng):
-            yb = y[idx]
-            wrong = (yb + torch.as_tensor(rng.integers(1, n_classes, size=len(idx)))) % n_classes
-            h_pos, h_neg = embed_label(x[idx], yb, n_classes), embed_label(x[idx], wrong, n_classes)
-            loss = torch.zeros(())
-            for layer in model.layers[:-1]:
-                a_pos, a_neg = torch.relu(layer(h_pos)), torch.relu(layer(h_neg))
-                loss = loss + (
-                    torch.nn.functional.softplus(hp.threshold - _goodness(a_pos))
-                    + torch.nn.functional.softplus(_goodness(a_neg) - hp.threshold)
-                ).mean()
-                # detach: each layer learns from its own objective only (no backward pass across layers)
-                h_pos = (a_pos / (a_pos.norm(dim=1, keepdim=True) + 1e-8)).detach()
-                h_neg = (a_neg / (a_neg.norm(dim=1, keepdim=True) + 1e-8)).detach()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            step += 1
-            if on_step is not None:
-                on_step(step, total_steps)
-        losses.append(total / len(y))
+    log = fit(model, data, step, hp, rng=rng, params=hidden_params, on_step=on_step)
+    x, y = to_tensors(data.x_train, data.y_train)
     _fit_readout(model, x, y, hp, rng)
-    return {"loss": losses}
+    return log
 
 
 def _fit_readout(model: MLP, x: torch.Tensor, y: torch.Tensor, hp: Hyperparams, rng: np.random.Generator) -> None:

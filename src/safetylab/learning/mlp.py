@@ -1,11 +1,13 @@
-"""The one MLP every learning rule trains, and its saved initialisation.
+"""The one MLP every learning rule trains, its saved initialisation, and the loop that trains it.
 
 ``MLP(sizes)`` is ``Linear → ReLU → … → Linear`` (e.g. 784→256→128→10, the essay's
 network). :func:`make_init` draws the initial weights from a seeded generator
 (PyTorch's default ``Linear`` scheme, U(±1/√fan_in), but with an explicit
 generator so the draw does not depend on global RNG state); :func:`save_init` /
 :func:`load_init` store it as safetensors so that every rule starts from the very
-same file.
+same file. :func:`fit` is the training loop every rule shares: a rule supplies only the step
+that writes its (pseudo-)gradient into ``.grad``; minibatch order, Adam, loss bookkeeping and the
+``on_step`` checkpoints are the loop's, so two rules differ in their update and nothing else.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["MLP", "batches", "ensure_init", "load_init", "make_init", "n_batches", "save_init"]
+__all__ = ["MLP", "StepFn", "batches", "ensure_init", "fit", "load_init", "make_init", "n_batches", "save_init"]
 
 
 class MLP(nn.Module):
@@ -125,3 +127,70 @@ def n_batches(n: int, batch_size: int) -> int:
 
 def to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(np.asarray(x, dtype=np.float32)), torch.as_tensor(np.asarray(y, dtype=np.int64))
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, np.random.Generator], float]
+"""A rule's update on one minibatch: ``step(x, y, rng) -> loss``. Writes the rule's gradient (or
+pseudo-gradient: the direction Adam should descend) into ``.grad`` of the trained parameters and
+returns the minibatch loss (any scalar the rule minimises); ``rng`` is the loop's generator, for a
+rule's own randomness drawn in data order (forward-forward's negative labels)."""
+
+
+def fit(
+    model: MLP,
+    data: Any,
+    step: StepFn,
+    hp: Any,
+    *,
+    rng: np.random.Generator,
+    params: Iterable[torch.nn.Parameter] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Train ``model`` in place with ``step``'s gradients and Adam (Kingma & Ba 2015).
+
+    The schedule comes from ``hp``: with an ``epochs`` field, every epoch visits the training set
+    once in shuffled minibatches of ``hp.batch_size`` (:func:`batches`) and the loss is logged per
+    epoch (mean over examples); with a ``steps`` field, each step draws ``hp.batch_size`` examples
+    without replacement and the loss is logged per step (evolution strategies). Before each step
+    the gradients are cleared; after it Adam (learning rate ``hp.lr``) moves ``params`` (default:
+    every parameter of ``model``) and ``on_step(step, total_steps)`` sees the current weights.
+
+    Args:
+        model: the network, trained in place.
+        data: a :class:`safetylab.data.VisionData` (``x_train`` (n, d), ``y_train`` (n,)).
+        step: the rule's update, see :data:`StepFn`.
+        hp: the rule's hyperparameters (``lr``, ``batch_size`` and ``epochs`` or ``steps``).
+        rng: fixes the data order (and whatever ``step`` draws from it).
+        params: the parameters Adam updates (forward-forward: the hidden layers only).
+        on_step: called after every update, step counting from 1.
+
+    Returns:
+        ``{"loss": [...]}``, per epoch or per step.
+    """
+    x, y = to_tensors(data.x_train, data.y_train)
+    params = list(model.parameters() if params is None else params)
+    opt = torch.optim.Adam(params, lr=hp.lr)
+    by_steps = "steps" in type(hp).model_fields
+    n = len(y)
+    total_steps = hp.steps if by_steps else hp.epochs * n_batches(n, hp.batch_size)
+    losses: list[float] = []
+    done = 0
+
+    def update(idx: np.ndarray | torch.Tensor) -> float:
+        nonlocal done
+        opt.zero_grad()
+        loss = float(step(x[idx], y[idx], rng))
+        opt.step()
+        done += 1
+        if on_step is not None:
+            on_step(done, total_steps)
+        return loss
+
+    if by_steps:
+        for _ in range(hp.steps):
+            losses.append(update(torch.as_tensor(rng.choice(n, size=min(hp.batch_size, n), replace=False))))
+    else:
+        for _ in range(hp.epochs):
+            total = sum(update(idx) * len(idx) for idx in batches(n, hp.batch_size, rng))
+            losses.append(total / n)
+    return {"loss": losses}

@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from safetylab.data import VisionData
-from safetylab.learning.mlp import MLP, batches, n_batches, to_tensors
+from safetylab.learning.mlp import MLP, fit
 
 ACCURACY_BAR_DIGITS = 0.90
 
@@ -89,22 +89,12 @@ def train(
     ``model`` holding the current weights.
     """
     hp = hp or Hyperparams()
-    rng = np.random.default_rng(seed)
-    x, y = to_tensors(data.x_train, data.y_train)
-    onehot = torch.nn.functional.one_hot(y, model.sizes[-1]).float()
-    opt = torch.optim.Adam(model.parameters(), lr=hp.lr)
-    losses = []
-    total_steps, step = hp.epochs * n_batches(len(y), hp.batch_size), 0
-    for _ in range(hp.epochs):
-        total = 0.0
-        for idx in batches(len(y), hp.batch_size, rng):
-            total += pc_step(model, x[idx], onehot[idx], hp) * len(idx)
-            opt.step()
-            step += 1
-            if on_step is not None:
-                on_step(step, total_steps)
-        losses.append(total / len(y))
-    return {"loss": losses}
+    n_out = model.sizes[-1]
+
+    def step(xb: torch.Tensor, yb: torch.Tensor, rng: np.random.Generator) -> float:
+        return pc_step(model, xb, torch.nn.functional.one_hot(yb, n_out).float(), hp)
+
+    return fit(model, data, step, hp, rng=np.random.default_rng(seed), on_step=on_step)
 
 
 def predict(model: MLP, x: np.ndarray) -> np.ndarray:
