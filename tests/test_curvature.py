@@ -132,6 +132,26 @@ def test_lanczos_gives_each_converged_eigenvalue_once():
         lanczos_top_eigenvalues(lambda v: v, 10, k=5, n_iter=3)
 
 
+def test_lanczos_runs_to_a_stated_residual():
+    """Five leading eigenvalues close together above a bulk: 10 iterations converge none of the
+    lower ones (their residuals are as large as their errors, ~1 here); run to a residual
+    tolerance, every one of the five is within it and matches the exact spectrum."""
+    d = np.concatenate([[10.0, 9.0, 8.5, 8.2, 8.0], np.linspace(0, 7.5, 395)])
+    t = torch.from_numpy(d)
+    few = lanczos_top_eigenvalues(lambda v: t * v.double(), d.size, k=5, n_iter=10)
+    assert not few.converged and few.tol is None
+    assert min(few.residuals[3:]) > 0.1 and abs(few.eigenvalues[4] - 8.0) > 0.5
+    res = lanczos_top_eigenvalues(lambda v: t * v.double(), d.size, k=5, n_iter=200, tol=1e-6)
+    assert res.converged and res.tol == 1e-6 and res.n_iter < 200
+    assert max(res.residuals) <= 1e-6 * res.eigenvalues[0]
+    # an eigenvalue lies within each residual of its Ritz value (here the error is far smaller still)
+    assert np.allclose(res.eigenvalues, [10.0, 9.0, 8.5, 8.2, 8.0], atol=1e-5)
+    capped = lanczos_top_eigenvalues(lambda v: t * v.double(), d.size, k=5, n_iter=12, tol=1e-6)
+    assert not capped.converged and capped.n_iter == 12  # ran out of iterations: says so
+    with pytest.raises(ValueError, match="tolerance must be > 0"):
+        lanczos_top_eigenvalues(lambda v: v, 10, k=2, n_iter=5, tol=0.0)
+
+
 def test_flatten_roundtrip_and_gradient():
     _, f, params = _mlp_problem()
     flat = flatten(params)
