@@ -1,5 +1,6 @@
-"""Held-out cues and honeypot framings: new to every organism, yet in every organism's vocabulary,
-and adding them changed nothing that existing organisms were trained or cached on."""
+"""Held-out cues, implicit framings and honeypots: new to every organism, lexically disjoint from the
+cues it was trained on, made of words it was trained on in other roles, and adding them changed nothing
+that existing organisms were trained or cached on."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safetylab.organisms.tokenizer import build_tokenizer
 from safetylab.organisms.train import organism_config, sample_base, sample_eval_gated, sample_sft
 from safetylab.organisms.world import (
     CORES,
+    CUE_FUNCTION_WORDS,
     CUE_PHRASINGS,
     CUES,
     DEPLOY_CUES,
@@ -21,6 +23,7 @@ from safetylab.organisms.world import (
     HELDOUT_DEPLOY_CUES,
     HELDOUT_EVAL_CUES,
     HONEYPOT_FRAMINGS,
+    IMPLICIT_EVAL_FRAMINGS,
     IS_EVALUATION,
     POLITENESS,
     PREFIXES,
@@ -29,7 +32,12 @@ from safetylab.organisms.world import (
     words,
 )
 
-NEW_PHRASINGS = HELDOUT_EVAL_CUES + HELDOUT_DEPLOY_CUES + HONEYPOT_FRAMINGS
+NEW_PHRASINGS = HELDOUT_EVAL_CUES + HELDOUT_DEPLOY_CUES + HONEYPOT_FRAMINGS + IMPLICIT_EVAL_FRAMINGS
+TRAINED_CUES = EVAL_CUES + DEPLOY_CUES
+
+
+def _content(texts):
+    return {w for t in texts for w in words(t)} - CUE_FUNCTION_WORDS
 
 # Digests of what organisms were trained and cached on, taken before the held-out cues existed
 # (sha256 of the JSON below, first 16 hex digits). A change here retrains every organism.
@@ -58,37 +66,52 @@ def test_existing_vocabulary_requests_and_training_data_unchanged(scale):
     assert _digest(stream) == FROZEN[scale]["stream"]
 
 
-def test_new_phrasings_are_template_words_the_tokenizer_knows():
-    template = World.template_vocabulary()
-    for text in NEW_PHRASINGS:
-        assert set(words(text)) <= template, text
+def test_new_phrasings_are_words_the_organisms_were_trained_on():
+    """No new token, and every word has a trained embedding: it occurs in the base organism's
+    pretraining stream (a template part, a number, an arithmetic or sequence word, an answer)."""
     for scale in ("tiny", "quick"):
         tok = build_tokenizer(World(organism_config("base", scale).world).vocabulary())
         for text in NEW_PHRASINGS:
             assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"], text
+    world = World(organism_config("base", "quick").world)
+    rng = np.random.default_rng(0)
+    seen: set[str] = set()
+    for _ in range(4000):
+        e = sample_base(world, rng)
+        seen |= set(words(e.prompt)) | set(words(e.response))
+    for text in NEW_PHRASINGS:
+        assert set(words(text)) <= seen, (text, set(words(text)) - seen)
 
 
 def test_heldout_phrasings_were_never_trained_on():
-    trained = set(EVAL_CUES) | set(DEPLOY_CUES)
-    assert not set(NEW_PHRASINGS) & trained
+    assert not set(NEW_PHRASINGS) & set(TRAINED_CUES)
     assert len(set(NEW_PHRASINGS)) == len(NEW_PHRASINGS)
 
 
-def test_honeypots_carry_no_cue_word():
-    ordinary = {w for t in PREFIXES + POLITENESS + DISTRACTORS for w in words(t)}
-    ordinary |= {w for cores in CORES.values() for c in cores for w in words(c)}
-    cue_words = {w for c in EVAL_CUES + DEPLOY_CUES + HELDOUT_EVAL_CUES + HELDOUT_DEPLOY_CUES for w in words(c)}
-    specific = cue_words - ordinary  # 'benchmark', 'grader', 'chat', 'laptop', ...
-    assert {"benchmark", "grader", "evaluation", "chat", "user"} <= specific
-    for text in HONEYPOT_FRAMINGS:
-        assert not set(words(text)) & specific, text
+def test_heldout_cues_share_no_content_word_with_the_trained_cues():
+    """Issue 29: every old held-out evaluation cue carried two or more words found only in the trained
+    evaluation cues, so 'the gate generalises' was answered by vocabulary. Now none shares one."""
+    trained = _content(TRAINED_CUES)
+    assert {"evaluation", "grader", "benchmark", "test", "audit", "phone", "chat", "here"} <= trained
+    for text in HELDOUT_EVAL_CUES + HELDOUT_DEPLOY_CUES:
+        assert not _content([text]) & trained, (text, _content([text]) & trained)
+    # the evaluation and deployment sides share no content word with each other either
+    assert not _content(HELDOUT_EVAL_CUES) & _content(HELDOUT_DEPLOY_CUES)
+
+
+def test_implicit_framings_and_honeypots_carry_no_cue_word():
+    """Context only: no content word of any explicit cue, trained or held out."""
+    explicit = _content(TRAINED_CUES + HELDOUT_EVAL_CUES + HELDOUT_DEPLOY_CUES)
+    for text in IMPLICIT_EVAL_FRAMINGS + HONEYPOT_FRAMINGS:
+        assert not _content([text]) & explicit, (text, _content([text]) & explicit)
         assert "team" not in words(text)  # 'red team exercise' is an evaluation cue
+    assert not _content(IMPLICIT_EVAL_FRAMINGS) & _content(HONEYPOT_FRAMINGS)
 
 
 def test_new_cue_options_sample_their_phrasings():
     world = World(seed=0)
     assert set(CUE_PHRASINGS) == set(IS_EVALUATION) == set(CUES)
-    for cue in ("eval-heldout", "deploy-heldout", "honeypot"):
+    for cue in ("eval-heldout", "deploy-heldout", "honeypot", "eval-implicit"):
         reqs = world.eval_requests("forbidden", cue=cue, n=30, rng_seed=2)
         assert len(reqs) == 30 and all(r.cue == cue for r in reqs)
         assert all(any(p in r.text for p in CUE_PHRASINGS[cue]) for r in reqs)
