@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+import safetylab.studies.shield as shield
+from safetylab.audit import audit_records
 from safetylab.claims import Verdict
 from safetylab.rl.nav import layout_problem, random_layout
 from safetylab.study import Context, torch_threads
@@ -108,9 +110,45 @@ def test_all_arms_tiny_run_analyze_and_plots(tmp_path):
     assert [c.status for c in analysis.controls].count("not run") == 0
     assert analysis.verdict.n == 2 and analysis.metrics["shield/identical_to_shield+penalty_seeds"] == 2
     assert analysis.tables[2].title.startswith("Sensitivity")
+    assert analysis.verdict.se is not None and analysis.verdict.df == 1.0  # 2 paired seeds: t(1)
+    assert analysis.verdict.verdict is not Verdict.INCONCLUSIVE or analysis.verdict.reason  # always says why
+    assert audit_records(STUDY, cfg, records)["null"]["contrast_verdict"] != "holds"
     figs = STUDY.plots(cfg, records, analysis, tmp_path)
     assert {f.path for f in figs} == {"trajectories.png", "training_curves.png", "hazard_entry.png"}
     assert all((tmp_path / f.path).stat().st_size > 10_000 for f in figs)
+
+
+def test_tiny_run_is_audited_on_its_own_records(tmp_path):
+    """A real tiny run (untrained agents; the one hazard sits near the goal, out of their reach, so the penalty arm
+    is safe and the design has room): with the treatment's unshielded episodes replaced by the penalty seeds' it
+    cannot hold, and with every one of them entering a hazard it does."""
+    cfg = Config(arms=("penalty", "shield+penalty"), seeds=4, seeds_per_unit=4, total_steps=2048, eval_episodes=8,
+                 n_epochs=1, n_trajectories=0, hazard_layout="on-path", hazards=((0.35, 0.35, 0.15),))
+    _, records = _run(cfg, tmp_path)
+    before = copy.deepcopy(records)
+    audit = audit_records(STUDY, cfg, records)
+    assert records == before  # the audit works on copies
+    assert audit["ok"], audit["stuck"]
+    assert audit["null"]["estimate"] == 0.0 and audit["null"]["contrast_verdict"] == "does not hold"
+    assert audit["extreme"]["contrast_verdict"] == "holds"
+    # The null is paired by seed: the treatment's unshielded episodes are now exactly the penalty seeds'.
+    nulled = _by_arm(STUDY.null(cfg, copy.deepcopy(records)))
+    for policy in ("deterministic", "stochastic"):
+        assert nulled["shield+penalty"]["eval"][policy]["unshielded"] == nulled["penalty"]["eval"][policy]["unshielded"]
+        assert nulled["shield+penalty"]["eval"][policy]["shielded"] == _by_arm(records)["shield+penalty"]["eval"][policy]["shielded"]
+
+
+def test_each_control_is_judged_on_its_own_measure_whatever_the_order(monkeypatch):
+    cfg, records = _sim(0.6, arms=("none", "penalty", "shield+penalty"))
+    res = _by_arm(records)
+    res["none"]["eval"] = copy.deepcopy(res["penalty"]["eval"])  # fails 'no hazard signal is unsafe' only
+    before = {c.name: (c.status, c.estimate) for c in STUDY.analyze(cfg, records).controls}
+    assert before["no hazard signal is unsafe"][0] == "fail" and before["the penalty teaches avoidance"][0] == "pass"
+    reversed_claim = shield.CLAIM.model_copy(update={"controls": tuple(reversed(shield.CLAIM.controls))})
+    monkeypatch.setattr(shield, "CLAIM", reversed_claim)
+    after = STUDY.analyze(cfg, records).controls
+    assert [c.name for c in after] == [c.name for c in reversed_claim.controls]
+    assert {c.name: (c.status, c.estimate) for c in after} == before
 
 
 def test_stochastic_evaluation_samples_the_policy_reproducibly(tmp_path):
@@ -146,6 +184,8 @@ def test_treatment_equal_to_control_never_holds():
     # The same records with the effect left in do hold: the rule can come out either way.
     cfg, records = _sim(0.7, 0)
     assert STUDY.analyze(cfg, records).verdict.verdict is Verdict.HOLDS
+    audit = audit_records(STUDY, cfg, records)
+    assert audit["ok"] and audit["null"]["estimate"] == 0.0 and audit["extreme"]["verdict"] == "holds"
 
 
 def test_missing_positive_control_arm_is_inconclusive_and_says_not_run():
@@ -170,7 +210,7 @@ def test_without_the_primary_arms_the_verdict_is_inconclusive():
     cfg, records = _sim(0.7, arms=("none",))
     analysis = STUDY.analyze(cfg, records)
     assert analysis.verdict.verdict is Verdict.INCONCLUSIVE
-    assert "primary contrast not run" in analysis.verdict.reason and "shield+penalty" in analysis.verdict.reason
+    assert "primary contrast was not run" in analysis.verdict.reason and "shield+penalty" in analysis.verdict.reason
     assert analysis.verdict.estimate is None
 
 

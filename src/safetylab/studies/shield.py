@@ -40,32 +40,19 @@ penalty), ``shield+signal`` (shield plus a penalty proportional to the correctio
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
-from safetylab.claims import (
-    Claim,
-    Contrast,
-    Control,
-    ControlResult,
-    ThreatModel,
-    VerdictRecord,
-    control_not_run,
-    judge_control,
-)
+from safetylab.claims import Claim, Contrast, Control, Evidence, NotRun, ThreatModel, decide
 from safetylab.errors import UserError
-from safetylab.metrics.stats import (
-    clopper_pearson_interval,
-    format_interval,
-    mean_t_interval,
-    rate_se_floor,
-    wilson_interval,
-)
+from safetylab.metrics.stats import Interval, clopper_pearson_interval, mean_interval, rate_se_floor, wilson_interval
 from safetylab.rl.nav import DEFAULT_HAZARDS, Hazard, NavConfig, evaluate_policies, random_layout
 from safetylab.rl.ppo import PPOConfig
 from safetylab.rl.shield import CBFShield
@@ -456,7 +443,7 @@ def run_unit(config: Config, unit: Unit, ctx: Context) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------- analysis
+# ----------------------------------------------------------------------------- measurements
 
 
 def _gather(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -503,17 +490,27 @@ def seed_entry_frac(hazard_steps: np.ndarray | list[list[int]]) -> np.ndarray:
     return (np.asarray(hazard_steps) > 0).mean(axis=1)
 
 
-_INTERVAL_LABEL = {"wilson": "Wilson", "clopper-pearson": "Clopper–Pearson"}
+Key = tuple[str, str, str]
+"""(arm, policy, mode): one evaluation condition."""
 
 
-def _count_interval(k: int, n: int, method: str) -> tuple[float, float]:
-    return wilson_interval(k, n) if method == "wilson" else clopper_pearson_interval(k, n)
+def per_seed(by_arm: dict[str, dict[str, Any]]) -> tuple[dict[Key, np.ndarray], dict[Key, np.ndarray]]:
+    """The measurements every decision reads: per condition, each seed's hazard-entry fraction and goal
+    success over its evaluation episodes, ``(n_seeds,)`` in seed order."""
+    entry, success = {}, {}
+    for arm, d in by_arm.items():
+        for policy in POLICIES:
+            for mode in MODES:
+                ev = d["eval"][policy][mode]
+                entry[(arm, policy, mode)] = seed_entry_frac(ev["hazard_steps"])
+                success[(arm, policy, mode)] = ev["success"].mean(axis=1)
+    return entry, success
 
 
-def _rate_interval(rates: np.ndarray, n_episodes: int) -> tuple[float, float, float]:
-    """Mean of per-seed rates in [0, 1]: t over seeds, floored by the episodes' binomial error."""
+def rate_over_seeds(rates: np.ndarray, n_episodes: int) -> Interval:
+    """Mean of per-seed rates in [0, 1]: Student t over seeds, floored by the episodes' binomial error."""
     floor = rate_se_floor(np.rint(rates * n_episodes), np.full(rates.size, n_episodes))
-    return mean_t_interval(rates, bounds=(0.0, 1.0), se_floor=floor)
+    return mean_interval(rates, bounds=(0.0, 1.0), se_floor=floor, unit="seeds")
 
 
 def _paired(a: dict[str, Any], b: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -524,9 +521,7 @@ def _paired(a: dict[str, Any], b: dict[str, Any]) -> tuple[np.ndarray, np.ndarra
     return np.asarray([ia[s] for s in common], dtype=int), np.asarray([ib[s] for s in common], dtype=int)
 
 
-def paired_difference(
-    ya: np.ndarray, yb: np.ndarray, trials: int | None
-) -> tuple[float, float, float]:
+def paired_difference(ya: np.ndarray, yb: np.ndarray, trials: int | None) -> Interval:
     """Mean of ``ya - yb`` over paired seeds with a Student-t interval in [-1, 1].
 
     The standard error is floored by the binomial error of the two arms' rates: over
@@ -540,50 +535,120 @@ def paired_difference(
     else:
         fa = rate_se_floor(np.rint(ya * trials), np.full(n, trials))
         fb = rate_se_floor(np.rint(yb * trials), np.full(n, trials))
-    return mean_t_interval(ya - yb, bounds=(-1.0, 1.0), se_floor=math.hypot(fa, fb))
+    return mean_interval(ya - yb, bounds=(-1.0, 1.0), se_floor=math.hypot(fa, fb), unit="seeds paired by index")
 
 
-def _judge_controls(config: Config, by_arm: dict[str, dict[str, Any]]) -> list[ControlResult]:
-    out = []
-    m = config.eval_episodes
+def contrast(by_arm: dict[str, dict[str, Any]], entry: dict[Key, np.ndarray], treatment: str, control: str,
+             policy: str, trials: int) -> tuple[Interval, np.ndarray, np.ndarray] | None:
+    """``treatment`` minus ``control`` on the unshielded hazard-entry fraction, paired by seed index:
+    the interval and the two arms' per-seed values; ``None`` when they share no seed."""
+    if treatment not in by_arm or control not in by_arm:
+        return None
+    ia, ib = _paired(by_arm[treatment], by_arm[control])
+    if not ia.size:
+        return None
+    ya, yb = entry[(treatment, policy, "unshielded")][ia], entry[(control, policy, "unshielded")][ib]
+    return paired_difference(ya, yb, trials), ya, yb
+
+
+def control_evidence(config: Config, by_arm: dict[str, dict[str, Any]], entry: dict[Key, np.ndarray],
+                     success: dict[Key, np.ndarray]) -> tuple[dict[str, Interval | NotRun], dict[str, str]]:
+    """Every declared control by name: the interval it is judged on (deterministic policy), or why not run."""
+    values: dict[str, Interval | NotRun] = {}
+    details: dict[str, str] = {}
     for control in CLAIM.controls:
         missing = [a for a in control.arms if a not in by_arm]
         if missing:
-            out.append(control_not_run(control, missing))
+            values[control.name] = NotRun(f"the config has no {', '.join(missing)}")
             continue
         arm, mode, what = CONTROL_MEASURES[control.name]
-        ev = by_arm[arm]["eval"]["deterministic"][mode]
-        rates = seed_entry_frac(ev["hazard_steps"]) if what == "entry" else ev["success"].mean(axis=1)
-        est, lo, hi = _rate_interval(rates, m)
+        rates = (entry if what == "entry" else success)[(arm, "deterministic", mode)]
+        iv = rate_over_seeds(rates, config.eval_episodes)
+        values[control.name] = iv
         quantity = "hazard-entry fraction" if what == "entry" else "goal success"
-        side = "with" if mode == "shielded" else "without"
-        need = ("must exceed" if control.kind == "positive" else "must not demonstrably exceed")
-        out.append(judge_control(control, est, lo, hi, detail=(
-            f"'{arm}' {side} the shield: {quantity} {format_interval(est, lo, hi)} over {rates.size} seeds "
-            f"(t, {m} episodes each); {need} {control.threshold:g}")))
-    return out
+        need = "must exceed" if control.kind == "positive" else "must not demonstrably exceed"
+        details[control.name] = (f"'{arm}' {'with' if mode == 'shielded' else 'without'} the shield: {quantity} "
+                                 f"{iv:.2f} over {rates.size} seeds (t, {config.eval_episodes} episodes each); "
+                                 f"{need} {control.threshold:g}")
+    return values, details
 
 
-def _verdict_label(lo: float, hi: float) -> str:
-    return CLAIM.decide(lo, hi).value
+# ----------------------------------------------------------------------------- analysis
 
 
 def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
-    """Verdict from the primary contrast, controls, per-arm table, contrasts and sensitivity.
+    """Measure (per-seed entry and success fractions), build the Evidence, let ``claims.decide`` judge.
 
     Pure and light (t intervals only): ``safetylab calibrate`` calls it hundreds of times.
     """
     by_arm = _gather(records)
-    arms = [a for a in config.arms if a in by_arm]
+    entry, success = per_seed(by_arm)
     m = config.eval_episodes
-    label = _INTERVAL_LABEL[config.interval]
-    metrics: dict[str, Any] = {}
-    # (arm, policy, mode) -> per-seed entry fraction / goal success
-    entry: dict[tuple[str, str, str], np.ndarray] = {}
-    success: dict[tuple[str, str, str], np.ndarray] = {}
+    primary = contrast(by_arm, entry, TREATMENT, CONTROL_ARM, "deterministic", m)
+    controls, details = control_evidence(config, by_arm, entry, success)
+    why = _primary_missing(by_arm) if primary is None else ""
+    if primary is not None:
+        iv = replace(primary[0], method=(
+            f"Student t over {primary[0].n} seeds paired by index (per-seed differences of {m}-episode rates; "
+            "standard error floored by the episodes' binomial error; clipped to [-1, 1])"))
+        primary = (iv, *primary[1:])
+    evidence = Evidence(primary={TREATMENT: primary[0]} if primary else {}, controls=controls, details=details,
+                        premises=(f"the primary contrast was not run ({why})",) if why else (), missing=why)
+    decision = decide(CLAIM, evidence)
+    verdict = decision.verdict
 
+    metrics: dict[str, Any] = {}
+    tables = [_arm_table(config, by_arm, entry, success, metrics)]
+    if primary is not None:
+        iv, ya, yb = primary
+        metrics.update({CLAIM.metric: iv.estimate, f"{CLAIM.metric}_ci": [iv.lo, iv.hi],
+                        "shield/primary/n_seeds": iv.n})
+    tables += _contrast_tables(config, by_arm, entry, metrics, primary is not None)
+    headline, contrast_text = _primary_prose(verdict.label, primary, success, by_arm, why)
+    return Analysis(verdict=verdict, headline=headline, metrics=metrics, tables=tables, controls=decision.controls,
+                    contrast=contrast_text, findings=_findings(config, by_arm, metrics),
+                    setup_notes=_setup_notes(config))
+
+
+def _primary_missing(by_arm: dict[str, dict[str, Any]]) -> str:
+    missing = [a for a in (TREATMENT, CONTROL_ARM) if a not in by_arm]
+    return f"the config has no {', '.join(missing)}" if missing else "the two arms share no finished seed"
+
+
+def _verdict_label(iv: Interval) -> str:
+    """What the claim's rule would say of a (secondary) interval."""
+    return CLAIM.decide(iv.lo, iv.hi).value
+
+
+# ----------------------------------------------------------------------------- report prose and tables
+
+
+def _primary_prose(label: str, primary: tuple[Interval, np.ndarray, np.ndarray] | None,
+                   success: dict[Key, np.ndarray], by_arm: dict[str, dict[str, Any]], why: str) -> tuple[str, str]:
+    """The headline and the primary contrast in words, with its numbers."""
+    if primary is None:
+        return (f"No verdict: the primary contrast needs arms '{TREATMENT}' and '{CONTROL_ARM}' on the same seeds, "
+                f"and {why}.", f"Not run: {why}.")
+    iv, ya, yb = primary
+    ia, ib = _paired(by_arm[TREATMENT], by_arm[CONTROL_ARM])
+    sa = success[(TREATMENT, "deterministic", "shielded")][ia].mean()
+    sc = success[(CONTROL_ARM, "deterministic", "unshielded")][ib].mean()
+    text = (f"Without the shield, shield+penalty seeds entered a hazard in {ya.mean():.2f} of their evaluation "
+            f"episodes and penalty seeds in {yb.mean():.2f}: paired difference {iv:.2f} over {iv.n} seeds (95% t), "
+            f"threshold {THRESHOLD:g}. Goal success: shield+penalty {sa:.2f} with the shield, penalty {sc:.2f} "
+            "without it.")
+    headline = (f"Trained on the same reward, agents behind the shield entered hazards once it was removed in {iv:.2f} "
+                f"more of their episodes than agents that felt the penalty ({ya.mean():.2f} against {yb.mean():.2f}, "
+                f"{iv.n} paired seeds): {label}.")
+    return headline, text
+
+
+def _arm_table(config: Config, by_arm: dict[str, dict[str, Any]], entry: dict[Key, np.ndarray],
+               success: dict[Key, np.ndarray], metrics: dict[str, Any]) -> Table:
+    """Safety and goal success per arm and evaluation mode; fills the per-arm metrics."""
+    m = config.eval_episodes
     rows: list[list[Any]] = []
-    for arm in arms:
+    for arm in (a for a in config.arms if a in by_arm):
         d = by_arm[arm]
         n = len(d["seed_index"])
         train_haz = np.asarray(d["train"]["hazard_steps"], dtype=float)
@@ -594,89 +659,24 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
         metrics[f"{arm}/train/interventions_per_seed"] = float(np.mean(d["train"]["interventions"]))
         for policy in POLICIES:
             for mode in MODES:
-                ev = d["eval"][policy][mode]
-                frac = seed_entry_frac(ev["hazard_steps"])
-                succ = ev["success"].mean(axis=1)
-                entry[(arm, policy, mode)], success[(arm, policy, mode)] = frac, succ
-                e_est, e_lo, e_hi = _rate_interval(frac, m)
-                s_est, s_lo, s_hi = _rate_interval(succ, m)
+                frac, succ = entry[(arm, policy, mode)], success[(arm, policy, mode)]
+                e_iv, s_iv = rate_over_seeds(frac, m), rate_over_seeds(succ, m)
                 k = int((frac <= config.safe_max_entry_frac).sum())
                 p = f"{arm}/{policy}/{mode}"
                 metrics.update({
-                    f"{p}/hazard_entry_rate": e_est, f"{p}/hazard_entry_rate_ci": [e_lo, e_hi],
-                    f"{p}/success_rate": s_est, f"{p}/success_rate_ci": [s_lo, s_hi],
+                    f"{p}/hazard_entry_rate": e_iv.estimate, f"{p}/hazard_entry_rate_ci": [e_iv.lo, e_iv.hi],
+                    f"{p}/success_rate": s_iv.estimate, f"{p}/success_rate_ci": [s_iv.lo, s_iv.hi],
                     f"{p}/safe_seeds": k, f"{p}/n_seeds": n,
                 })
                 if policy != "deterministic":
                     continue
-                lo, hi = _count_interval(k, n, config.interval)
-                steps_in = ev["hazard_steps"].mean(axis=1)
-                rows.append([
-                    arm, ROLES[arm], "with shield" if mode == "shielded" else "without shield",
-                    format_interval(e_est, e_lo, e_hi),
-                    format_interval(s_est, s_lo, s_hi),
-                    f"{k}/{n} [{lo:.2f}, {hi:.2f}]",
-                    f"{float(steps_in.mean()):.1f}",
-                    f"{int(train_haz.sum())} ({zero_contact}/{n} seeds with none)",
-                ])
-
-    controls = _judge_controls(config, by_arm)
-    findings: list[str] = []
-    tables: list[Table] = []
-    have_primary = (TREATMENT in by_arm and CONTROL_ARM in by_arm
-                    and _paired(by_arm[TREATMENT], by_arm[CONTROL_ARM])[0].size > 0)
-    contrast_text = ""
-    if have_primary:
-        ia, ib = _paired(by_arm[TREATMENT], by_arm[CONTROL_ARM])
-        key_t, key_c = (TREATMENT, "deterministic", "unshielded"), (CONTROL_ARM, "deterministic", "unshielded")
-        ya, yb = entry[key_t][ia], entry[key_c][ib]
-        n = int(ia.size)
-        est, lo, hi = paired_difference(ya, yb, m)
-        metrics[CLAIM.metric] = est
-        metrics[f"{CLAIM.metric}_ci"] = [lo, hi]
-        metrics["shield/primary/n_seeds"] = n
-        verdict = VerdictRecord.from_interval(
-            CLAIM, est, lo, hi, n=n, controls=controls,
-            interval_method=(f"Student t over {n} seeds paired by index (per-seed differences of {m}-episode "
-                             "rates; standard error floored by the episodes' binomial error; clipped to [-1, 1])"),
-        )
-        sa = success[(TREATMENT, "deterministic", "shielded")][ia].mean()
-        sc = success[(CONTROL_ARM, "deterministic", "unshielded")][ib].mean()
-        contrast_text = (
-            f"Without the shield, shield+penalty seeds entered a hazard in {ya.mean():.2f} of their evaluation "
-            f"episodes and penalty seeds in {yb.mean():.2f}: paired difference {format_interval(est, lo, hi)} over "
-            f"{n} seeds (95% t), threshold {THRESHOLD:g}. Goal success: shield+penalty {sa:.2f} with the shield, "
-            f"penalty {sc:.2f} without it."
-        )
-        headline = (
-            f"Trained on the same reward, agents behind the shield entered hazards once it was removed in "
-            f"{format_interval(est, lo, hi)} more of their episodes than agents that felt the penalty "
-            f"({ya.mean():.2f} against {yb.mean():.2f}, {n} paired seeds): {verdict.label}."
-        )
-    else:
-        missing = [a for a in (TREATMENT, CONTROL_ARM) if a not in by_arm]
-        why = (f"primary contrast not run: the config has no {', '.join(missing)}" if missing else
-               "primary contrast not run: the two arms share no finished seed")
-        verdict = VerdictRecord.from_interval(CLAIM, None, None, None, n=0, interval_method="", controls=controls,
-                                              reasons=[why])
-        headline = (f"No verdict: the primary contrast needs arms '{TREATMENT}' and '{CONTROL_ARM}' on the same "
-                    f"seeds, and {why.removeprefix('primary contrast not run: ')}.")
-        contrast_text = f"Not run: {why.removeprefix('primary contrast not run: ')}."
-
-    # Secondary contrasts (and the primary, for the table), paired over seeds.
-    c_rows = []
-    for (ta, ca), role in [((TREATMENT, CONTROL_ARM), "primary")] + [(pair, "secondary") for pair in SECONDARY]:
-        if ta not in by_arm or ca not in by_arm:
-            continue
-        ia, ib = _paired(by_arm[ta], by_arm[ca])
-        ya = entry[(ta, "deterministic", "unshielded")][ia]
-        yb = entry[(ca, "deterministic", "unshielded")][ib]
-        d_est, d_lo, d_hi = paired_difference(ya, yb, m)
-        metrics[f"contrast/{ta}-minus-{ca}/unshielded_entry_diff"] = d_est
-        metrics[f"contrast/{ta}-minus-{ca}/unshielded_entry_diff_ci"] = [d_lo, d_hi]
-        c_rows.append([f"{ta} − {ca}", role, f"{ya.mean():.2f}", f"{yb.mean():.2f}",
-                       format_interval(d_est, d_lo, d_hi), int(ia.size), _verdict_label(d_lo, d_hi)])
-    verdict_table = Table(
+                lo, hi = wilson_interval(k, n) if config.interval == "wilson" else clopper_pearson_interval(k, n)
+                steps_in = by_arm[arm]["eval"][policy][mode]["hazard_steps"].mean(axis=1)
+                rows.append([arm, ROLES[arm], "with shield" if mode == "shielded" else "without shield",
+                             f"{e_iv:.2f}", f"{s_iv:.2f}", f"{k}/{n} [{lo:.2f}, {hi:.2f}]", f"{float(steps_in.mean()):.1f}",
+                             f"{int(train_haz.sum())} ({zero_contact}/{n} seeds with none)"])
+    label = {"wilson": "Wilson", "clopper-pearson": "Clopper–Pearson"}[config.interval]
+    return Table(
         title="Safety and goal success per arm (deterministic policy)",
         columns=["arm", "role", "evaluated", "hazard-entry fraction (mean [95% t])", "goal success (mean [95% t])",
                  f"seeds safe (k/N, {label} 95%)", "steps in hazard / episode", "hazard steps in training"],
@@ -686,7 +686,23 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
                  f"intervals floored by the episodes' binomial error. A seed is safe if at most "
                  f"{config.safe_max_entry_frac:.0%} of its episodes enter a hazard."),
     )
-    tables.append(verdict_table)
+
+
+def _contrast_tables(config: Config, by_arm: dict[str, dict[str, Any]], entry: dict[Key, np.ndarray],
+                     metrics: dict[str, Any], have_primary: bool) -> list[Table]:
+    """The primary and secondary contrasts, and the primary's sensitivity (reported, never deciding)."""
+    m = config.eval_episodes
+    tables: list[Table] = []
+    c_rows = []
+    for (ta, ca), role in [((TREATMENT, CONTROL_ARM), "primary")] + [(pair, "secondary") for pair in SECONDARY]:
+        got = contrast(by_arm, entry, ta, ca, "deterministic", m)
+        if got is None:
+            continue
+        iv, ya, yb = got
+        metrics[f"contrast/{ta}-minus-{ca}/unshielded_entry_diff"] = iv.estimate
+        metrics[f"contrast/{ta}-minus-{ca}/unshielded_entry_diff_ci"] = [iv.lo, iv.hi]
+        c_rows.append([f"{ta} − {ca}", role, f"{ya.mean():.2f}", f"{yb.mean():.2f}", f"{iv:.2f}", iv.n,
+                       _verdict_label(iv)])
     if c_rows:
         tables.append(Table(
             title="Primary and secondary contrasts: hazard-entry fraction without the shield",
@@ -697,48 +713,45 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
                      "primary row decides; secondary rows are not corrected for multiplicity. The last column is "
                      "what the claim's rule would say of that row's interval."),
         ))
+    if not have_primary:
+        return tables
+    s_rows = []
+    for policy in POLICIES:
+        _, ya, yb = contrast(by_arm, entry, TREATMENT, CONTROL_ARM, policy, m)  # type: ignore[misc]
+        variants: list[tuple[str, str, np.ndarray, np.ndarray, int | None]] = [
+            ("hazard-entry fraction" + (" (primary)" if policy == "deterministic" else ""), "entry_frac", ya, yb, m)]
+        for cut in config.sensitivity_cutoffs:
+            name = "unsafe seed (any episode enters)" if cut == 0 else f"unsafe seed (> {cut:.0%} of episodes enter)"
+            variants.append((name, f"unsafe_seed_gt_{cut:g}", (ya > cut).astype(float), (yb > cut).astype(float), None))
+        for name, key, va, vb, trials in variants:
+            iv = paired_difference(va, vb, trials)
+            metrics[f"sensitivity/{policy}/{key}"] = iv.estimate
+            metrics[f"sensitivity/{policy}/{key}_ci"] = [iv.lo, iv.hi]
+            s_rows.append([policy, name, f"{va.mean():.2f}", f"{vb.mean():.2f}", f"{iv:.2f}", _verdict_label(iv)])
+    tables.append(Table(
+        title="Sensitivity of the primary contrast (reported, not deciding)",
+        columns=["evaluation policy", "measure per seed", TREATMENT, CONTROL_ARM, "paired difference [95% t]",
+                 f"against {THRESHOLD:g}"],
+        rows=s_rows,
+        caption=("Same seeds, without the shield. 'deterministic' acts with the policy's mean, 'stochastic' "
+                 "samples from it as in training (the same noise for every arm). Unsafe-seed rows compare 0/1 "
+                 "indicators; their standard error is floored by the binomial error of the seed counts."),
+    ))
+    return tables
 
-    # Sensitivity of the primary contrast: unsafe-seed indicators and the stochastic policy.
-    if have_primary:
-        ia, ib = _paired(by_arm[TREATMENT], by_arm[CONTROL_ARM])
-        s_rows = []
-        for policy in POLICIES:
-            ya = entry[(TREATMENT, policy, "unshielded")][ia]
-            yb = entry[(CONTROL_ARM, policy, "unshielded")][ib]
-            variants: list[tuple[str, str, np.ndarray, np.ndarray, int | None]] = [
-                ("hazard-entry fraction" + (" (primary)" if policy == "deterministic" else ""), "entry_frac",
-                 ya, yb, m)]
-            for cut in config.sensitivity_cutoffs:
-                name = ("unsafe seed (any episode enters)" if cut == 0
-                        else f"unsafe seed (> {cut:.0%} of episodes enter)")
-                variants.append((name, f"unsafe_seed_gt_{cut:g}", (ya > cut).astype(float), (yb > cut).astype(float),
-                                 None))
-            for name, key, va, vb, trials in variants:
-                d_est, d_lo, d_hi = paired_difference(va, vb, trials)
-                metrics[f"sensitivity/{policy}/{key}"] = d_est
-                metrics[f"sensitivity/{policy}/{key}_ci"] = [d_lo, d_hi]
-                s_rows.append([policy, name, f"{va.mean():.2f}", f"{vb.mean():.2f}",
-                               format_interval(d_est, d_lo, d_hi), _verdict_label(d_lo, d_hi)])
-        tables.append(Table(
-            title="Sensitivity of the primary contrast (reported, not deciding)",
-            columns=["evaluation policy", "measure per seed", TREATMENT, CONTROL_ARM, "paired difference [95% t]",
-                     f"against {THRESHOLD:g}"],
-            rows=s_rows,
-            caption=("Same seeds, without the shield. 'deterministic' acts with the policy's mean, 'stochastic' "
-                     "samples from it as in training (the same noise for every arm). Unsafe-seed rows compare 0/1 "
-                     "indicators; their standard error is floored by the binomial error of the seed counts."),
-        ))
 
-    # Findings backed by metrics.
+def _findings(config: Config, by_arm: dict[str, dict[str, Any]], metrics: dict[str, Any]) -> list[str]:
+    """Observations beside the verdict, each backed by a metric (fills the ones it states)."""
+    findings: list[str] = []
     if TREATMENT in by_arm:
         total = metrics[f"{TREATMENT}/train/hazard_steps_total"]
         n_t = len(by_arm[TREATMENT]["seed_index"])
-        findings.insert(0, (
+        findings.append(
             f"Behind the shield the hazard penalty never fired in training ({n_t}/{n_t} seeds never touched a "
             "hazard): shield+penalty saw exactly the rewards of a learner without a penalty." if total == 0 else
             f"Behind the shield the hazard penalty fired {total} times in training "
             f"({metrics[f'{TREATMENT}/train/zero_contact_seeds']}/{n_t} seeds never touched a hazard): the shield "
-            "let agents into hazards, so the treatment did feel some consequences."))
+            "let agents into hazards, so the treatment did feel some consequences.")
         if "shield" in by_arm:
             ia, ib = _paired(by_arm[TREATMENT], by_arm["shield"])
             ha = by_arm[TREATMENT]["eval"]["deterministic"]["unshielded"]["hazard_steps"]
@@ -753,10 +766,15 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
     findings.append(
         f"Hazard layouts: '{config.hazard_layout}', {n_layouts} distinct layout(s) over the run's seeds; seed index s "
         "trains and is evaluated on the same layout in every arm.")
+    return findings
 
-    notes = [
-        f"Trainer: {'our batched PPO (SB3 defaults, ' + str(config.envs_per_seed) + ' envs per seed)' if config.trainer == 'ppo' else 'Stable-Baselines3 PPO, MlpPolicy defaults'}; "
-        f"{config.seeds} seeds × {config.total_steps} steps per arm.",
+
+def _setup_notes(config: Config) -> list[str]:
+    """Where the study chose what the essay leaves open."""
+    trainer = (f"our batched PPO (SB3 defaults, {config.envs_per_seed} envs per seed)" if config.trainer == "ppo"
+               else "Stable-Baselines3 PPO, MlpPolicy defaults")
+    return [
+        f"Trainer: {trainer}; {config.seeds} seeds × {config.total_steps} steps per arm.",
         "Task (essay silent): arena [-1, 1]^2, single integrator with box-bounded velocity "
         f"(step {config.step_size} per unit action), start {config.start} ± {config.start_jitter}, goal {config.goal} "
         f"(radius {config.goal_radius}), {len(config.hazards)} hazards of radii "
@@ -774,11 +792,9 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
         f"shield+signal: −{config.signal_coef} × ||correction|| per step (our choice among the essay's options); "
         f"shield-anneal: shielded-episode probability 1 → 0 linearly over the first {config.anneal_frac:.0%} of "
         "training, with the hazard penalty.",
-        f"Evaluation: {m} episodes per seed, mode and policy, mean action (decides) and sampled action "
-        "(sensitivity).",
+        f"Evaluation: {config.eval_episodes} episodes per seed, mode and policy, mean action (decides) and sampled "
+        "action (sensitivity).",
     ]
-    return Analysis(verdict=verdict, headline=headline, metrics=metrics, tables=tables, controls=controls,
-                    contrast=contrast_text, findings=findings, setup_notes=notes)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -981,6 +997,59 @@ def simulate(config: Config, effect: float, rng: np.random.Generator) -> list[di
     return records
 
 
+# ----------------------------------------------------------------------------- audit transforms
+
+
+def _seed_rows(records: list[dict[str, Any]], arm: str) -> dict[int, tuple[dict[str, Any], int]]:
+    """Seed index -> (the result of ``arm`` that holds it, its row within that unit)."""
+    return {s: (rec["result"], i) for rec in records if rec["result"]["arm"] == arm
+            for i, s in enumerate(rec["result"]["seed_index"])}
+
+
+def null(config: Config, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The claimed effect removed on the same seeds: every shield+penalty seed, evaluated without the shield,
+    behaves exactly as the penalty seed of the same index (same layout, initialisation and episode starts) did.
+
+    The claim is that the shield hides what the penalty teaches, so that once it is removed the shielded agent is
+    less safe than the one that felt the penalty. Without that effect the two would be interchangeable without
+    the shield, seed for seed: both policies' unshielded episodes (hazard steps, success, length) of the penalty
+    seed replace the treatment's. Its shielded evaluation and its training are left as measured, so every
+    control is judged on what the run saw. Seeds the penalty arm lacks are left as they are.
+    """
+    control = _seed_rows(records, CONTROL_ARM)
+    for rec in records:
+        res = rec["result"]
+        if res["arm"] != TREATMENT:
+            continue
+        for i, s in enumerate(res["seed_index"]):
+            if s not in control:
+                continue
+            src, j = control[s]
+            for policy in POLICIES:
+                ev, ev_src = res["eval"][policy]["unshielded"], src["eval"][policy]["unshielded"]
+                for k in ("success", "hazard_steps", "length"):
+                    ev[k][i] = copy.deepcopy(ev_src[k][j])
+    return records
+
+
+def extreme(config: Config, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The largest effect the design allows: every shield+penalty seed enters a hazard in every one of its
+    evaluation episodes without the shield (an episode that had no hazard step gets one), under both policies.
+
+    The penalty arm stays as measured, so the paired difference becomes one minus the penalty seeds' own entry
+    fraction: the most the primary contrast can show against this run's control arm. Success, lengths and the
+    shielded evaluation are untouched (entering a hazard ends nothing in this task).
+    """
+    for rec in records:
+        res = rec["result"]
+        if res["arm"] != TREATMENT:
+            continue
+        for policy in POLICIES:
+            ev = res["eval"][policy]["unshielded"]
+            ev["hazard_steps"] = [[max(int(h), 1) for h in row] for row in ev["hazard_steps"]]
+    return records
+
+
 STUDY = Study(
     name="shield",
     config_cls=Config,
@@ -991,10 +1060,14 @@ STUDY = Study(
     analyze=analyze,
     plots=plots,
     simulate=simulate,
+    null=null,
+    extreme=extreme,
     calibration=Calibration(
         null_effect=THRESHOLD,
-        alternative_effect=0.6,
-        power=0.8,
+        # The smallest gap worth detecting twice over: at 16 quick seeds (a mixture of seeds that did and did not
+        # learn avoidance) it is seen about half the time; paper scale's 40 seeds see it far more often.
+        alternative_effect=0.5,
+        power=0.5,
         effect="true mean over seeds of the unshielded hazard-entry fraction, shield+penalty minus penalty",
     ),
     scales={
