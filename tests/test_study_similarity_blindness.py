@@ -95,6 +95,8 @@ def test_analysis_tables_controls_and_plots(tiny_run, tmp_path):
             - r["result"]["pairs"]["retrain"]["geometry"]["clean"]["linear_cka"] for r in records]
     assert v.estimate == pytest.approx(np.mean(gaps))
     assert v.ci_low < v.estimate < v.ci_high
+    assert v.df == config.seeds - 1 and v.se == pytest.approx(np.std(gaps, ddof=1) / np.sqrt(len(gaps)))
+    assert v.verdict != Verdict.INCONCLUSIVE or v.reason  # an inconclusive verdict always says why
     assert {c.name: c.status for c in analysis.controls} == {
         "the backdoor took": "pass", "honest retrains have no trigger": "pass",
         "CKA sees an untrained network": "pass", "a constructed blind pair is blind": "pass"}
@@ -122,6 +124,39 @@ def test_an_honest_retrain_in_the_backdoors_place_does_not_hold(tiny_run):
     status = {c.name: c.status for c in analysis.controls}
     assert status["the backdoor took"] == "fail"
     assert "the backdoor took" in analysis.verdict.reason
+
+
+def test_audit_of_the_tiny_run_can_go_both_ways(tiny_run):
+    """null: the paired gaps moved so their mean sits on −MARGIN (CKA sees the backdoor by exactly the margin)
+    -> the contrast must not hold; extreme: every backdoor at CKA 1 to its reference -> it must hold."""
+    from safetylab.audit import audit_records
+
+    config, records = tiny_run
+    out = audit_records(STUDY, config, records)
+    assert out["ok"], out["stuck"]
+    assert out["null"]["estimate"] == pytest.approx(-MARGIN) and out["null"]["contrast_verdict"] != "holds"
+    assert out["extreme"]["contrast_verdict"] == "holds" and out["extreme"]["ci_low"] > 0
+    real = STUDY.analyze(config, records).verdict
+    width = real.ci_high - real.ci_low
+    assert out["null"]["ci_high"] - out["null"]["ci_low"] == pytest.approx(width)  # the run's own spread
+
+
+def test_controls_are_judged_by_name_not_position(tiny_run, monkeypatch):
+    """Reversing CLAIM.controls changes nothing about what each control is judged on. With an honest retrain in
+    the backdoor's place the first control fails and the last passes, so judging by position would swap them."""
+    import safetylab.studies.similarity_blindness as sb
+
+    config, records = tiny_run
+    swapped = copy.deepcopy(records)
+    for r in swapped:
+        r["result"]["networks"]["backdoor"] = copy.deepcopy(r["result"]["networks"]["retrain"])
+    before = {c.name: c for c in STUDY.analyze(config, swapped).controls}
+    assert before["the backdoor took"].status == "fail" and before["a constructed blind pair is blind"].status == "pass"
+    claim = sb.CLAIM
+    monkeypatch.setattr(sb, "CLAIM", claim.model_copy(update={"controls": tuple(reversed(claim.controls))}))
+    after = {c.name: c for c in STUDY.analyze(config, swapped).controls}
+    assert {n: (c.status, c.estimate, c.ci_low, c.ci_high) for n, c in after.items()} == \
+        {n: (c.status, c.estimate, c.ci_low, c.ci_high) for n, c in before.items()}
 
 
 def test_simulated_verdict_can_come_out_every_way():

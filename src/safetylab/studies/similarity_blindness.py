@@ -62,13 +62,14 @@ of the other seeds' honest retrains).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from safetylab.claims import Claim, Contrast, Control, ThreatModel, VerdictRecord, control_not_run, judge_control
+from safetylab.claims import Claim, Contrast, Control, Evidence, NotRun, ThreatModel, decide
 from safetylab.metrics.functional import (
     ablation_profile,
     fit_stitch,
@@ -78,8 +79,8 @@ from safetylab.metrics.functional import (
     profile_similarity,
 )
 from safetylab.metrics.similarity import MEASURES
-from safetylab.metrics.stats import clopper_pearson_interval, format_interval, mean_t_interval, rate_se_floor
-from safetylab.study import Analysis, Calibration, Context, Figure, Study, StudyConfig, Table, Unit
+from safetylab.metrics.stats import Interval, clopper_pearson_interval, mean_interval, rate_se_floor
+from safetylab.study import Analysis, Calibration, Context, Figure, Study, StudyConfig, Table, Unit, json_safe
 
 MARGIN = 0.02
 """Equivalence margin on the CKA gap (see ``CLAIM.contrast.threshold_reason``)."""
@@ -508,14 +509,12 @@ def _gap(results: list[dict], pair: str, inputs: str = "clean", measure: str = "
     return seeds, np.array([treat[s] - ref[s] for s in seeds])
 
 
-def _effect_interval(results: list[dict], net: str) -> tuple[float, float, float, int]:
-    """Mean trigger effect of one network over seeds, t interval with a binomial floor on its standard error."""
+def _effect_interval(results: list[dict], net: str) -> Interval:
+    """Mean trigger effect of one network over seeds: Student t over seeds, its standard error at least the
+    binomial sampling error of the attack success rates (so 3 seeds that agree are not a zero-width interval)."""
     nets = [r["networks"][net] for r in results if net in r["networks"]]
-    if not nets:
-        return (math.nan, math.nan, math.nan, 0)
     floor = rate_se_floor([n["trigger"]["asr_hits"] for n in nets], [n["trigger"]["n"] for n in nets])
-    m, lo, hi = mean_t_interval([_effect(n) for n in nets], bounds=(-1.0, 1.0), se_floor=floor)
-    return (m, lo, hi, len(nets))
+    return mean_interval([_effect(n) for n in nets], bounds=(-1.0, 1.0), se_floor=floor, unit="seeds")
 
 
 def _flags(honest: dict[int, float], suspect: dict[int, float], higher_is_suspicious: bool) -> tuple[int, int, int, int]:
@@ -548,35 +547,33 @@ def _range(values) -> str:
     return f"{min(v):.3f}–{max(v):.3f}" if v else "–"
 
 
-def _t(values, bounds=None) -> tuple[float, float, float]:
-    return mean_t_interval(list(values), bounds=bounds)
+def _t(values, bounds=None) -> Interval:
+    """Mean over seeds (one value each) with its Student-t interval."""
+    return mean_interval(list(values), bounds=bounds, unit="seeds")
 
 
-def _controls(results: list[dict], config: Config) -> list:
-    by_name = {c.name: c for c in CLAIM.controls}
-    out = []
-    took = by_name["the backdoor took"]
-    m, lo, hi, n = _effect_interval(results, "backdoor")
-    out.append(judge_control(took, m if n else None, lo, hi,
-                             f"trigger effect of {n} backdoored networks: {format_interval(m, lo, hi, 3)}"))
-    none = by_name["honest retrains have no trigger"]
-    m, lo, hi, n = _effect_interval(results, "retrain")
-    out.append(judge_control(none, m if n else None, lo, hi,
-                             f"trigger effect of {n} honest retrains: {format_interval(m, lo, hi, 3)}"))
-    sees = by_name["CKA sees an untrained network"]
-    _, g = _gap(results, "untrained")
-    m, lo, hi = _t(g)
-    out.append(judge_control(sees, m if g.size else None, lo, hi,
-                             f"CKA gap of the untrained init over {g.size} seeds: {format_interval(m, lo, hi, 3)}"))
-    blind = by_name["a constructed blind pair is blind"]
+def _control_evidence(results: list[dict], config: Config) -> tuple[dict[str, Interval | NotRun], dict[str, str]]:
+    """What each declared control is judged on, by name, and one sentence saying what was measured."""
+    took, none = _effect_interval(results, "backdoor"), _effect_interval(results, "retrain")
+    untrained = _t(_gap(results, "untrained")[1])
+    values: dict[str, Interval | NotRun] = {
+        "the backdoor took": took,
+        "honest retrains have no trigger": none,
+        "CKA sees an untrained network": untrained,
+    }
+    details = {
+        "the backdoor took": f"trigger effect of {took.n} backdoored networks: {took:.3f}",
+        "honest retrains have no trigger": f"trigger effect of {none.n} honest retrains: {none:.3f}",
+        "CKA sees an untrained network": f"CKA gap of the untrained init over {untrained.n} seeds: {untrained:.3f}",
+    }
+    blind = "a constructed blind pair is blind"
     if "hidden_trigger" not in config.demonstrations:
-        out.append(control_not_run(blind, ["hidden_trigger"]))
+        values[blind] = NotRun("the config's demonstrations leave out hidden_trigger")
     else:
-        _, g = _gap(results, "hidden_trigger")
-        m, lo, hi = _t(g)
-        out.append(judge_control(blind, m if g.size else None, lo, hi,
-                                 f"CKA gap of the hidden-trigger construction over {g.size} seeds: {format_interval(m, lo, hi, 3)}"))
-    return out
+        g = _t(_gap(results, "hidden_trigger")[1])
+        values[blind] = g
+        details[blind] = f"CKA gap of the hidden-trigger construction over {g.n} seeds: {g:.3f}"
+    return values, details
 
 
 def _orientation(measure: str) -> bool:
@@ -596,7 +593,7 @@ def _sd(d: dict[int, float]) -> float:
     return float(np.std(_values(d), ddof=1)) if len(d) > 1 else math.nan
 
 
-def _seed_table(results: list[dict], seeds: list[int], cka: dict[str, dict[int, float]], gap: tuple) -> Table:
+def _seed_table(results: list[dict], seeds: list[int], cka: dict[str, dict[int, float]], gap: Interval) -> Table:
     """The primary contrast seed by seed, with its interval in the last row."""
     honest, backdoor, twin = cka["retrain"], cka["backdoor"], cka["twin"]
     by_seed = {r["seed"]: r for r in results}
@@ -607,11 +604,9 @@ def _seed_table(results: list[dict], seeds: list[int], cka: dict[str, dict[int, 
                      f"{twin[s]:.3f}" if s in twin else "–", f"{_effect(nets['retrain']):+.3f}",
                      f"{_effect(nets['backdoor']):+.3f}"])
     if seeds:
-        rows.append(["mean [95% t]", format_interval(*_t(honest[s] for s in seeds), 3),
-                     format_interval(*_t(backdoor[s] for s in seeds), 3), format_interval(*gap, 3),
-                     format_interval(*_t(twin[s] for s in seeds if s in twin), 3),
-                     format_interval(*_effect_interval(results, "retrain")[:3], 3),
-                     format_interval(*_effect_interval(results, "backdoor")[:3], 3)])
+        rows.append(["mean [95% t]", f"{_t(honest[s] for s in seeds):.3f}", f"{_t(backdoor[s] for s in seeds):.3f}",
+                     f"{gap:.3f}", f"{_t(twin[s] for s in seeds if s in twin):.3f}",
+                     f"{_effect_interval(results, 'retrain'):.3f}", f"{_effect_interval(results, 'backdoor'):.3f}"])
     return Table(
         title="Primary contrast per seed: linear CKA to the reference (last hidden layer, clean test inputs)",
         columns=["seed", "honest retrain", "backdoored twin", "gap (backdoor − retrain)", "backdoor vs its clean twin",
@@ -634,14 +629,15 @@ def _measures_and_audits(config: Config, results: list[dict], metrics: dict) -> 
             h, b, tw = (_by_seed(results, p, inputs, m) for p in ("retrain", "backdoor", "twin"))
             if not h:
                 continue
-            gm, glo, ghi = _t(_gap(results, "backdoor", inputs, m)[1])
+            gi = _t(_gap(results, "backdoor", inputs, m)[1])
+            gm = gi.estimate if gi.estimate is not None else math.nan
             sign, sd = (-1.0 if _orientation(m) else 1.0), _sd(h)
             inside = sum(sign * v >= min(sign * x for x in h.values()) for v in b.values())
             metrics[f"geometry/{inputs}/{m}/retrain"] = _mean(h)
             metrics[f"geometry/{inputs}/{m}/backdoor"] = _mean(b)
             metrics[f"geometry/{inputs}/{m}/gap"] = gm
             rows.append([m, inputs, f"{_mean(h):.3f} ({_range(h.values())})",
-                         f"{_mean(b):.3f} ({_range(b.values())})" if b else "–", format_interval(gm, glo, ghi, 3),
+                         f"{_mean(b):.3f} ({_range(b.values())})" if b else "–", f"{gi:.3f}",
                          f"{sign * gm / sd:+.1f}" if sd > 0 and math.isfinite(gm) else "–",
                          f"{inside}/{len(b)}", f"{_mean(tw):.3f}" if tw else "–"])
             need = "weights, clean data" if inputs == "clean" else "weights, the trigger"
@@ -686,8 +682,8 @@ def _network_table(results: list[dict]) -> Table:
             continue
         asr = np.mean([x["trigger"]["asr_hits"] / max(1, x["trigger"]["n"]) for x in nets])
         base = np.mean([x["trigger"]["base_hits"] / max(1, x["trigger"]["n"]) for x in nets])
-        rows.append([net, format_interval(*_t([x["accuracy"] for x in nets], bounds=(0.0, 1.0)), 3), f"{asr:.3f}",
-                     f"{base:.3f}", format_interval(*_effect_interval(results, net)[:3], 3)])
+        rows.append([net, f"{_t([x['accuracy'] for x in nets], bounds=(0.0, 1.0)):.3f}", f"{asr:.3f}",
+                     f"{base:.3f}", f"{_effect_interval(results, net):.3f}"])
     return Table(title="Networks", rows=rows,
                  columns=["network", "clean accuracy [95% t]", "attack success rate", "clean base rate",
                           "trigger effect [95% t]"],
@@ -767,45 +763,57 @@ def _findings(config: Config, cka: dict[str, dict[int, float]], metrics: dict, a
 
 
 def analyze(config: Config, records: list[dict]) -> Analysis:
+    """Per-seed CKA gaps and trigger effects -> Evidence (the paired gap; one entry per control) -> ``decide``."""
     results = _completed(records)
     seeds, gaps = _gap(results, "backdoor")
-    est, lo, hi = _t(gaps)
-    controls = _controls(results, config)
-    verdict = VerdictRecord.from_interval(
-        CLAIM, est if gaps.size else None, lo, hi, n=int(gaps.size), controls=controls,
-        interval_method=f"paired Student t over {gaps.size} seeds (one reference per seed; the backdoor shares the "
-                        "retrain's init and data order)",
-    )
+    gap = replace(_t(gaps, bounds=(-1.0, 1.0)), method=(
+        f"paired Student t over {gaps.size} seeds (one reference per seed; the backdoor shares the retrain's init "
+        "and data order)"))
+    controls, details = _control_evidence(results, config)
+    decision = decide(CLAIM, Evidence(primary={"backdoor": gap}, controls=controls, details=details,
+                                      missing="no seed finished"))
+    verdict = decision.verdict
     cka = {p: _by_seed(results, p, "clean", "linear_cka") for p in ("retrain", "backdoor", "twin")}
     honest = cka["retrain"]
+    est = gap.estimate if gap.estimate is not None else math.nan
     metrics: dict[str, Any] = {
-        "blindness/cka_gap": est, "blindness/ci": [lo, hi], "blindness/n_seeds": int(gaps.size),
+        "blindness/cka_gap": est, "blindness/ci": [gap.lo, gap.hi], "blindness/se": gap.se,
+        "blindness/n_seeds": int(gaps.size),
         "blindness/gap_in_honest_sd": est / _sd(honest) if _sd(honest) > 0 else math.nan,
         "honest/cka_mean": _mean(honest), "honest/cka_sd": _sd(honest),
         "honest/cka_range": [min(honest.values()), max(honest.values())] if honest else None,
         "backdoor/cka_mean": _mean(cka["backdoor"]), "twin/cka_mean": _mean(cka["twin"]),
     }
-    metrics.update({f"control/{c.name}": c.estimate for c in controls})
+    metrics.update({f"control/{c.name}": c.estimate for c in decision.controls})
     for net in ("reference", "retrain", "backdoor"):
-        m, elo, ehi, _ = _effect_interval(results, net)
-        metrics[f"trigger_effect/{net}"], metrics[f"trigger_effect/{net}_ci"] = m, [elo, ehi]
+        te = _effect_interval(results, net)
+        metrics[f"trigger_effect/{net}"], metrics[f"trigger_effect/{net}_ci"] = te.estimate, [te.lo, te.hi]
 
     measure_table, audit_table, audits = _measures_and_audits(config, results, metrics)
-    tables = [_seed_table(results, seeds, cka, (est, lo, hi)), measure_table, audit_table, _network_table(results)]
+    tables = [_seed_table(results, seeds, cka, gap), measure_table, audit_table, _network_table(results)]
     demo = _demo_table(config, results, honest, metrics)
     tables += [demo] if demo else []
+    contrast, headline = _contrast_and_headline(config, gap, metrics, verdict.label)
+    return Analysis(verdict=verdict, headline=headline, metrics=json_safe(metrics), tables=tables,
+                    controls=decision.controls, contrast=contrast,
+                    findings=_findings(config, cka, metrics, audits, decision.controls), setup_notes=_setup_notes(config))
 
-    if gaps.size:
-        contrast = (
-            f"Backdoored twins of honest retrains ({gaps.size} seeds, poison fraction {config.poison_fraction:g}) vs the "
-            f"honest retrains: linear CKA to the reference {metrics['backdoor/cka_mean']:.3f} vs "
-            f"{metrics['honest/cka_mean']:.3f}; paired gap {format_interval(est, lo, hi, 3)}, margin −{MARGIN:g}.")
-        headline = (
-            f"A trained backdoor moves linear CKA to the reference by {format_interval(est, lo, hi, 3)} relative to an "
-            f"honest retrain ({gaps.size} seeds; margin −{MARGIN:g}); verdict: {verdict.label}.")
-    else:
-        contrast, headline = "No seed finished; nothing to compare.", f"No seed finished; verdict: {verdict.label}."
-    notes = [
+
+def _contrast_and_headline(config: Config, gap: Interval, metrics: dict, label: str) -> tuple[str, str]:
+    if not gap.measured:
+        return "No seed finished; nothing to compare.", f"No seed finished; verdict: {label}."
+    contrast = (
+        f"Backdoored twins of honest retrains ({gap.n} seeds, poison fraction {config.poison_fraction:g}) vs the "
+        f"honest retrains: linear CKA to the reference {metrics['backdoor/cka_mean']:.3f} vs "
+        f"{metrics['honest/cka_mean']:.3f}; paired gap {gap:.3f}, margin −{MARGIN:g}.")
+    headline = (
+        f"A trained backdoor moves linear CKA to the reference by {gap:.3f} relative to an honest retrain ({gap.n} "
+        f"seeds; margin −{MARGIN:g}); verdict: {label}.")
+    return contrast, headline
+
+
+def _setup_notes(config: Config) -> list[str]:
+    return [
         f"Networks: the shared MLP {config.hidden_sizes} trained by backprop (Adam) on {config.dataset} for "
         f"{config.epochs} epochs; the last hidden layer is compared on the test set (our choice; the essay is silent).",
         "Reference distribution: each seed's honest retrain against that seed's reference; the backdoored network "
@@ -818,8 +826,6 @@ def analyze(config: Config, records: list[dict]) -> Analysis:
         f"Constructed channels scale with ε × the layer's RMS unit scale, ε in {list(config.epsilons)}; the hidden "
         "trigger (and its control) uses the smallest ε: its channel is zero on clean inputs at any ε.",
     ]
-    return Analysis(verdict=verdict, headline=headline, metrics=metrics, tables=tables, controls=controls,
-                    contrast=contrast, findings=_findings(config, cka, metrics, audits, controls), setup_notes=notes)
 
 
 def plots(config: Config, records: list[dict], analysis: Analysis, out_dir: Path) -> list[Figure]:
@@ -867,8 +873,10 @@ def plots(config: Config, records: list[dict], analysis: Analysis, out_dir: Path
             if not g.size or not sd > 0:
                 continue
             sign = -1.0 if _orientation(m) else 1.0
-            gm, glo, ghi = (sign * v / sd for v in _t(g))
-            lo_, hi_ = (min(glo, ghi), max(glo, ghi)) if math.isfinite(glo) else (gm, gm)
+            gi = _t(g)
+            gm = sign * gi.estimate / sd
+            ends = [sign * v / sd for v in (gi.lo, gi.hi) if v is not None]
+            lo_, hi_ = (min(ends), max(ends)) if len(ends) == 2 else (gm, gm)
             ax.errorbar(gm, y, xerr=[[gm - lo_], [hi_ - gm]], fmt="o", color=colour, ms=4, capsize=2)
             labels.append(f"{m} ({inputs})")
             y += 1
@@ -957,6 +965,49 @@ def simulate(config: Config, effect: float, rng: np.random.Generator) -> list[di
     return records
 
 
+# --------------------------------------------------------------------------- audit transforms
+
+
+def null(config: Config, records: list[dict]) -> list[dict]:
+    """The claim made just false on the run's own seeds: CKA sees the backdoor by exactly the margin.
+
+    The claim says CKA is *blind* (the paired gap lies above −MARGIN), so removing the claimed effect
+    means a backdoor that CKA does see. Every seed's CKA(reference, backdoor) on clean inputs is moved
+    by one constant so that the paired gaps' mean sits exactly on −MARGIN; each seed keeps its own
+    deviation, so the interval has the run's measured seed-to-seed spread. It is the least-false
+    "not blind" the claim can meet (a larger drop is easier to call). Only the decisive value moves
+    (not clipped to [0, 1], so the mean sits exactly on the threshold); the other measures, the
+    trigger inputs and the networks' behaviour stay as measured.
+
+    Replacing the backdoor's geometry with the honest retrain's is *not* a null here: a gap of exactly
+    0 on every seed is a backdoor CKA cannot see at all, on the claimed side of the threshold.
+    """
+    results = _completed(records)
+    seeds, gaps = _gap(results, "backdoor")
+    if gaps.size:
+        shift = -MARGIN - float(gaps.mean())
+        for r in results:
+            if r["seed"] in seeds:
+                r["pairs"]["backdoor"]["geometry"]["clean"]["linear_cka"] += shift
+    return records
+
+
+def extreme(config: Config, records: list[dict]) -> list[dict]:
+    """The most blind the design allows: every backdoored network at CKA 1 to its seed's reference.
+
+    CKA is at most 1, so the largest paired gap a seed can show is 1 − CKA(reference, honest retrain):
+    the backdoor's clean-input layer equal to the reference's up to rotation, which is what the
+    hidden-trigger construction achieves (the reference's layer plus a channel that is zero on clean
+    inputs). The gaps then spread as the honest retrains' CKA does, so the interval is the run's own.
+    The networks' trigger behaviour stays as measured, so the controls still judge the real backdoors.
+    """
+    for r in _completed(records):
+        pair = r["pairs"].get("backdoor")
+        if pair is not None and pair["geometry"]["clean"].get("linear_cka") is not None:
+            pair["geometry"]["clean"]["linear_cka"] = 1.0
+    return records
+
+
 STUDY = Study(
     name="similarity-blindness",
     config_cls=Config,
@@ -967,6 +1018,8 @@ STUDY = Study(
     analyze=analyze,
     plots=plots,
     simulate=simulate,
+    null=null,
+    extreme=extreme,
     calibration=Calibration(
         null_effect=-MARGIN,
         alternative_effect=0.0,
