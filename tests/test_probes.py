@@ -124,3 +124,46 @@ def test_bad_input_names_the_problem():
         probe_layers(x, np.r_[np.zeros(20), np.ones(20)], holdout_split(np.arange(40) < 20))
     with pytest.raises(ValueError, match="two classes"):
         mean_difference(x, np.arange(40) % 3)
+
+
+def test_project_out_removes_exactly_the_direction_a_confounded_probe_reads():
+    """A label that is readable only along one direction (as 'forbidden' is along the refusal
+    direction of a model that refuses) is at chance once that direction is projected out, while a
+    label planted elsewhere survives untouched."""
+    from safetylab.metrics.probes import project_out
+
+    rng = np.random.default_rng(3)
+    x, y, groups, u = planted(rng, layer=2, strength=2.0)
+    directions = np.zeros((LAYERS, D))
+    directions[2] = 5.0 * u  # any norm
+    clean = project_out(x, directions)
+    assert np.abs(clean[:, 2] @ u).max() < 1e-9
+    np.testing.assert_array_equal(clean[:, [0, 1, 3, 4]], x[:, [0, 1, 3, 4]])  # zero rows leave layers alone
+    splits = group_splits(groups, 4)
+    before = probe_layers(x, y, splits).accuracy[2]
+    after = probe_layers(clean, y, splits).accuracy[2]
+    assert before > 0.85 and abs(after - 0.5) < 0.08
+    with pytest.raises(ValueError, match="directions must be"):
+        project_out(x, directions[:3])
+
+
+def test_held_out_predictions_pool_to_the_curve_and_price_unseen_classes():
+    from safetylab.metrics.probes import held_out_predictions
+
+    rng = np.random.default_rng(4)
+    x, y, groups, _ = planted(rng, layer=1, strength=1.5)
+    splits = group_splits(groups, 4)
+    items = held_out_predictions(x, y, splits)
+    curve = probe_layers(x, y, splits)
+    assert sorted(items.test) == list(range(N))
+    correct, loss = np.asarray(items.correct), np.asarray(items.log_loss)
+    assert correct.shape == loss.shape == (LAYERS, N)
+    np.testing.assert_allclose(correct.mean(1), curve.accuracy)
+    np.testing.assert_allclose(loss.mean(1), curve.log_loss, atol=1e-4)
+    # A test class the training side never saw gets probability 0: the loss is the floor's -ln(eps).
+    y3 = np.where(np.arange(N) < 40, 2, y)
+    split = holdout_split(np.arange(N) >= 40)
+    unseen = held_out_predictions(x, y3, split, eps=1e-3)
+    assert not np.asarray(unseen.correct).any() and np.allclose(unseen.log_loss, -np.log(1e-3))
+    with pytest.raises(ValueError, match="do not overlap"):
+        held_out_predictions(x, y, [split[0], split[0]])

@@ -244,6 +244,76 @@ def direction_ablation(
         yield st
 
 
+# Attribute names, on a decoder layer, of the blocks that write to the residual stream: the
+# attention block and the MLP (OPT has no MLP module: its last linear map, fc2, is the write).
+ATTENTION_ATTRS: tuple[str, ...] = ("self_attn", "attn", "attention", "self_attention")
+MLP_ATTRS: tuple[str, ...] = ("mlp", "feed_forward", "ffn", "fc2")
+
+
+def residual_writers(stack: DecoderStack) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every block that adds to the residual stream, layer by layer:
+    ``layers.{i}.attn`` and ``layers.{i}.mlp``.
+
+    Raises:
+        UserError: a layer with no attention or no MLP block under a known name.
+    """
+    out = []
+    for i, layer in enumerate(stack.layers):
+        for kind, names in (("attn", ATTENTION_ATTRS), ("mlp", MLP_ATTRS)):
+            module = next((getattr(layer, n) for n in names if isinstance(getattr(layer, n, None), nn.Module)), None)
+            if module is None:
+                raise UserError(f"layer {i} of {type(stack.model).__name__} has no {kind} block under a known name "
+                                f"({', '.join(names)}); ablate layer outputs with direction_ablation instead")
+            out.append((f"layers.{i}.{kind}", module))
+    return out
+
+
+@contextmanager
+def write_ablation(
+    model: nn.Module,
+    direction: Vector,
+    *,
+    layers_attr: str | None = None,
+    stack: DecoderStack | None = None,
+) -> Iterator[DecoderStack]:
+    """Arditi et al. (2024) directional ablation: project the unit direction ``u`` out of every
+    write to the residual stream -- the embeddings and the output of every attention block and
+    MLP -- so that ``h . u = 0`` at every layer's input, mid-layer stream and output, at every
+    position (prompt and generated tokens alike).
+
+    Args:
+        model: a causal LM.
+        direction: one (d_model,) direction (any norm; it is normalised).
+
+    Raises:
+        UserError: a zero, non-finite or wrong-width direction, or a layer whose attention or MLP
+            block is not found (:func:`residual_writers`).
+    """
+    st = stack if stack is not None else find_decoder_stack(model, layers_attr)
+    u = _as_vector(direction, st, "ablated direction")
+    norm = float(u.float().norm())
+    if norm == 0.0:
+        raise UserError("ablated direction is the zero vector; there is no direction to ablate")
+    u = u / norm
+
+    def project(h: torch.Tensor) -> torch.Tensor:
+        return h - (h @ u)[..., None] * u
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        return _replace_hidden(output, project(layer_hidden(output)))
+
+    writers = residual_writers(st)
+    handles = []
+    try:
+        with residual_edit(model, {}, input_edit=project, stack=st):
+            for _, module in writers:
+                handles.append(module.register_forward_hook(hook))
+            yield st
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # --------------------------------------------------------------------------- reading
 @torch.inference_mode()
 @model_attention_kernels

@@ -24,6 +24,13 @@ Three things keep its accuracy honest:
   binary property, the direction activation steering adds (Turner et al. 2023; Rimsky
   et al. 2024) and refusal-direction ablation removes (Arditi et al. 2024), beside the
   probe's own direction (:func:`probe_direction`).
+* **A direction removed before probing** (:func:`project_out`): a probe for one property
+  can score well by reading another that travels with it (a safety-trained model's
+  decision to refuse travels with "this is a hazard"). Projecting that property's
+  direction out of the activations first leaves the probe only what lies elsewhere.
+* **Per-item predictions** (:func:`held_out_predictions`): correctness and log-loss of
+  every test sample, so that an interval can be clustered over what replicates (hazards,
+  templates) and two models probed on the same samples can be paired item by item.
 
 All functions take arrays and an ``np.random.Generator`` where they draw; shapes are
 ``(n_samples, n_layers, d_model)`` activations and ``(n_samples,)`` labels and groups.
@@ -231,3 +238,89 @@ def probe_directions(activations: np.ndarray, labels: Sequence[Any] | np.ndarray
     x, y = _check(activations, labels)
     probe = probe if probe is not None else linear_probe()
     return np.stack([probe_direction(clone(probe).fit(x[:, layer], y)) for layer in range(x.shape[1])])
+
+
+def project_out(activations: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """Remove one direction per layer: ``x - (x . u) u`` with ``u`` the unit direction.
+
+    Args:
+        activations: (n_samples, n_layers, d_model).
+        directions: (n_layers, d_model), any norm (e.g. :func:`mean_difference` per layer);
+            a zero row leaves its layer unchanged.
+
+    Returns:
+        (n_samples, n_layers, d_model) float64 whose component along each layer's direction is 0.
+    """
+    x, d = np.asarray(activations, dtype=np.float64), np.asarray(directions, dtype=np.float64)
+    if x.ndim != 3 or d.shape != x.shape[1:]:
+        raise ValueError(f"directions must be (n_layers, d_model) = {x.shape[1:]} for activations {x.shape}, "
+                         f"got {d.shape}")
+    norms = np.linalg.norm(d, axis=-1, keepdims=True)
+    u = np.divide(d, norms, out=np.zeros_like(d), where=norms > 0)  # (n_layers, d_model)
+    return x - np.einsum("nld,ld->nl", x, u)[..., None] * u[None]
+
+
+@dataclass(frozen=True)
+class ProbeItems:
+    """Held-out predictions of one probe per layer, item by item (every test sample once)."""
+
+    test: list[int]
+    """Indices of the test samples, in the order of the columns below."""
+    correct: list[list[bool]]
+    """(n_layers, n_test): the probe's top class is the true label."""
+    log_loss: list[list[float]]
+    """(n_layers, n_test): ``-ln p(true label)`` in nats, p clipped below at ``eps``."""
+    chance: float
+    """Accuracy of always guessing the majority test label."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def held_out_predictions(
+    activations: np.ndarray,
+    labels: Sequence[Any] | np.ndarray,
+    splits: Iterable[Split],
+    *,
+    probe: Pipeline | None = None,
+    eps: float = 1e-4,
+) -> ProbeItems:
+    """Every test sample's correctness and log-loss under one linear probe per layer.
+
+    Labels of a test sample that no training fold contains get probability 0 (then ``eps``):
+    a probe cannot name a class it never saw, and its loss says so.
+
+    Args:
+        activations: (n_samples, n_layers, d_model).
+        labels: (n_samples,) two or more classes.
+        splits: (train, test) pairs whose test sides do not overlap.
+        probe: the estimator (default :func:`linear_probe`); cloned for every fit.
+        eps: floor on a predicted probability (a log-loss of at most ``-ln eps`` nats).
+
+    Raises:
+        ValueError: shapes that disagree, one class, a training fold with one class, or test
+            sides that overlap.
+    """
+    x, y = _check(activations, labels)
+    splits = [(np.asarray(tr), np.asarray(te)) for tr, te in splits]
+    test = np.concatenate([te for _, te in splits]) if splits else np.zeros(0, int)
+    if test.size == 0 or np.unique(test).size != test.size:
+        raise ValueError("held-out predictions need test sides that are non-empty and do not overlap")
+    probe = probe if probe is not None else linear_probe()
+    correct = np.zeros((x.shape[1], test.size), dtype=bool)
+    loss = np.zeros((x.shape[1], test.size))
+    for layer in range(x.shape[1]):
+        col = 0
+        for train, te in splits:
+            if np.unique(y[train]).size < 2:
+                raise ValueError("a training fold has one class; use fewer folds or groups that mix the classes")
+            fitted = clone(probe).fit(x[train][:, layer], y[train])
+            proba = fitted.predict_proba(x[te][:, layer])  # (n_test_fold, n_classes_seen)
+            seen = list(fitted.classes_)
+            p_true = np.array([proba[k, seen.index(t)] if t in seen else 0.0 for k, t in enumerate(y[te])])
+            correct[layer, col:col + te.size] = fitted.classes_[proba.argmax(1)] == y[te]
+            loss[layer, col:col + te.size] = -np.log(np.maximum(p_true, eps))
+            col += te.size
+    _, counts = np.unique(y[test], return_counts=True)
+    return ProbeItems(test=test.tolist(), correct=correct.tolist(), log_loss=loss.round(5).tolist(),
+                      chance=float(counts.max() / counts.sum()))
