@@ -1064,10 +1064,11 @@ STUDY = Study(
     extreme=extreme,
     calibration=Calibration(
         null_effect=THRESHOLD,
-        # The smallest gap worth detecting twice over: at 16 quick seeds (a mixture of seeds that did and did not
-        # learn avoidance) it is seen about half the time; paper scale's 40 seeds see it far more often.
+        # Twice the smallest gap worth caring about: at 16 quick seeds (a mixture of seeds that did and did not
+        # learn avoidance) it is seen in about 60% of runs (0.595 [0.545, 0.643] at --n 400); paper scale's 40 seeds
+        # see it more often.
         alternative_effect=0.5,
-        power=0.5,
+        power=0.55,
         effect="true mean over seeds of the unshielded hazard-entry fraction, shield+penalty minus penalty",
     ),
     scales={
