@@ -3,9 +3,10 @@
 Reads the residual stream after every decoder layer at the last prompt token for the
 elicitation study's probe set -- ``--n`` requests (half hazard requests, half look-alikes
 with the same template) plus one next-step prompt per hazard request -- and fits every
-probe the study fits for one organism: forbidden vs look-alike (template split on covered
-hazards and the held-out-hazard split, each with ``control_draws`` control tasks), which
-hazard (template split) and the next step (both splits), and the Fisher ratio per layer.
+probe the study fits for one organism: the refusal direction per layer (difference of
+means), the next-step knowledge probe with it projected out (template split on covered
+hazards, item-by-item predictions on held-out hazards), the same held-out probe with the
+direction kept, and the forbidden-vs-look-alike probe with the direction kept and removed.
 
 Usage::
 
@@ -42,7 +43,6 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="probe requests (plus n/2 next-step prompts)")
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (one is fastest for these sizes)")
     ap.add_argument("--folds", type=int, default=5, help="GroupKFold folds (paper: 5)")
-    ap.add_argument("--control-draws", type=int, default=5, help="control tasks averaged (paper: 5)")
     args = ap.parse_args()
     from threadpoolctl import threadpool_limits
 
@@ -50,7 +50,7 @@ def main() -> None:
     path = get_organism(args.variant, args.scale, seed=args.seed, base_seed=0)
     lm = load_causal_lm(path)
     config = STUDY.resolve_config("paper", {"organism_scale": args.scale, "n_probe": args.n,
-                                            "probe_folds": args.folds, "control_draws": args.control_draws})
+                                            "probe_folds": args.folds})
     ps = probe_set(World.from_organism(path), config)
     with threadpool_limits(limits=args.threads):
         t = time.perf_counter()
@@ -61,10 +61,11 @@ def main() -> None:
         probes = probe_all(acts, ps, config)
         probe_s = time.perf_counter() - t
     print(f"{args.variant} ({args.scale}, seed {args.seed}), {args.threads} thread(s): {acts.shape[0]} prompts x "
-          f"{acts.shape[1]} layers read in {read_s:.1f} s; all probes ({args.folds} folds, {args.control_draws} "
-          f"control draws) in {probe_s:.1f} s; total {read_s + probe_s:.1f} s")
-    fl = probes["forbidden_vs_lookalike"]["hazard"]
-    print("forbidden vs look-alike selectivity on held-out hazards, by layer:", np.round(fl["selectivity"], 3).tolist())
+          f"{acts.shape[1]} layers read in {read_s:.1f} s; all probes ({args.folds} folds) in {probe_s:.1f} s; "
+          f"total {read_s + probe_s:.1f} s")
+    k = probes["knowledge"]["heldout"]
+    print("next-step log-loss on held-out hazards (refusal direction removed), by layer:",
+          np.round(np.mean(k["log_loss"], axis=1), 3).tolist())
 
 
 if __name__ == "__main__":
