@@ -1022,7 +1022,10 @@ STUDY = Study(
     extreme=extreme,
     calibration=Calibration(
         null_effect=-MARGIN,
-        alternative_effect=0.0,
+        # The smallest blindness worth detecting: a backdoor that moves CKA by half the margin (about 0.8 honest
+        # seed-to-seed SDs). At 20 quick seeds (paired-gap SD 0.012, as the quick run measured: se 0.0027) the
+        # rule says "holds" there 93% of the time (calibrate --n 400: 0.93 [0.90, 0.96]); at -0.015 about 40%.
+        alternative_effect=-MARGIN / 2,
         power=0.9,
         effect="true mean gap CKA(reference, backdoor) − CKA(reference, honest retrain), linear CKA units",
     ),
