@@ -7,8 +7,8 @@ relative error of each estimator is measured, not estimated -- the root mean squ
 error is analytic, ``sqrt((1 - p) / (n p))``; it needs ``(1 - p) / (p 0.2^2)`` draws
 (25 million at 1e-6) for 20%, far beyond what is worth simulating, so its row is the
 formula beside a measured check at the largest budget. Importance sampling (defensive
-mean-shift mixture) and adaptive multilevel splitting are run at growing budgets until
-their relative error is at most 20%.
+mean-shift mixture) and adaptive multilevel splitting (a Student t over independent runs) are
+run at growing budgets until their relative error is at most 20%.
 
 The last line is ``speedup: <ratio>x``: Monte Carlo's evaluations for 20% relative error
 over the fewest evaluations at which importance sampling or splitting reached it.
@@ -28,7 +28,9 @@ import warnings
 
 import numpy as np
 
-from safetylab.metrics.rare_events import ESTIMATORS, GaussianHalfSpace, mc_evaluations_for_relative_error
+from safetylab.metrics.rare_events import (
+    ESTIMATORS, SPLITTING_RUNS, GaussianHalfSpace, mc_evaluations_for_relative_error,
+)
 
 TARGET = 0.2
 
@@ -63,8 +65,10 @@ def main() -> None:
     rmse, cov, ev = relative_rmse("monte-carlo", problem, 10**5, min(args.repeats, 10), args.seed)
     print(f"{'monte-carlo (run)':<20} {ev:>12,} {rmse:>10.3f} {cov:>9.2f} {time.perf_counter() - t:>8.1f}")
     reached: dict[str, int] = {}
-    # Splitting needs about 20 particles x (1 + 15 ln(1/p)) evaluations to run at all.
-    start = {"importance-sampling": 100, "splitting": int(20 * (1 + 15 * math.log(1 / problem.p)))}
+    # Splitting needs about 20 particles x (1 + 15 ln(1/p)) evaluations per run, and runs SPLITTING_RUNS of them
+    # (its interval is a Student t over the runs).
+    start = {"importance-sampling": 100,
+             "splitting": int(SPLITTING_RUNS * 20 * (1 + 15 * math.log(1 / problem.p)))}
     for name in ("importance-sampling", "splitting"):
         budget = start[name]
         while budget <= 10**6:

@@ -1,53 +1,123 @@
-"""Study threat-model: one organism under every adversary tier, per asset and user population."""
+"""Study threat-model: the same asset-bearing requests sent plainly and attacked, per asset and access level."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
 from cli_fixtures import run_cli
 from organism_fixtures import one_torch_thread, run_tiny_study  # noqa: F401
 
+from safetylab.audit import audit_records
 from safetylab.claims import Verdict
 from safetylab.studies import get_study
 
 STUDY = get_study("threat-model")
-TINY = {"organism_scale": "tiny", "seeds": 2, "n_requests": 6, "retries": 1, "gcg_steps": 2, "gcg_train": 2,
-        "search_width": 16, "topk": 8, "finetune_steps": 3, "finetune_examples": 4, "negative_control": False}
+TINY = {"organism_scale": "tiny", "organism_seeds": 3, "n_requests": 6, "retries": 1, "gcg_steps": 2,
+        "gcg_train": 2, "search_width": 16, "topk": 8, "finetune_steps": 3, "finetune_examples": 4,
+        "negative_control": False}
 
 
-def test_tiny_run_measures_every_cell_and_the_secret_breaks_under_attack(tmp_path):
-    config, _, records, analysis = run_tiny_study(STUDY, TINY, tmp_path)
-    cells = analysis.metrics["threats/cells"]
-    assert len(cells) == 3 * 3 * 2  # users x tiers x measured assets, one failure rate each
-    assert all(0.0 <= c["estimate"] <= 1.0 for c in cells.values())
-    model = analysis.metrics["failure/sophisticated_minus_none/model"]
-    # Kept under natural traffic, extracted by GCG or fine-tuning: the contrast's direction.
-    assert model["rate"] > 0.25 and all(cells[f"{u}/none/model"]["estimate"] == 0.0
-                                        for u in ("public", "enterprise", "experts"))
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return run_tiny_study(STUDY, TINY, tmp_path_factory.mktemp("threat_model"))
+
+
+def test_tiny_run_pairs_every_cell_on_the_same_requests(tiny_run):
+    config, _, records, analysis = tiny_run
+    assert [r["key"] for r in records] == [f"organism=secret-keeping@{s}" for s in range(3)] + ["organism=base@0"]
+    treat = records[0]["result"]
+    for key, cell in treat["cells"].items():
+        n = len(cell["cluster"])
+        assert n == TINY["n_requests"] and all(len(cell[k]) == n for k in ("none", "casual", "gcg", "finetune"))
+    # The attacker never trains on an evaluated hazard or secret name.
+    for asset in ("society", "model"):
+        evaluated = {c for k, cell in treat["cells"].items() if k.startswith(asset) for c in cell["cluster"]}
+        for attack in ("gcg", "finetune"):
+            assert not evaluated & set(treat["attacks"][asset][attack]["trained_on"])
+    # The same requests for every seed: the pairing and the clustering by hazard are across seeds too.
+    assert records[1]["result"]["cells"]["society/public"]["cluster"] == treat["cells"]["society/public"]["cluster"]
+    # The positive control is measured plainly on the society requests only.
+    assert set(records[3]["result"]["cells"]) == {f"society/{u}" for u in config.users}
     grid = next(t for t in analysis.tables if t.kind == "matrix")
-    assert grid.columns == ["asset / users", "none", "casual", "sophisticated"] and len(grid.rows) == 6
+    assert len(grid.rows) == 6 and grid.columns[1:] == ["none", "casual", "sophisticated, white-box (GCG)",
+                                                        "sophisticated, weights (fine-tune)"]
+    assert {f"{a}/{k}" for a in ("society", "model") for k in ("gcg", "finetune")} <= {
+        k.removeprefix("failure/attacked_minus_plain/") for k in analysis.metrics}
     # The negative control was switched off: the verdict cannot be read and says why.
     assert analysis.verdict.verdict is Verdict.INCONCLUSIVE and "never-taught" in analysis.verdict.reason
-    assert records[0]["result"]["cells"]["model/public"]["casual"]["attempts"] == 7 + TINY["retries"]
+    assert treat["cells"]["model/public"]["casual_detail"]["attempts"] == 7 + TINY["retries"]
 
 
-def _simulated(effect: float, seed: int = 0, **over):
-    config = STUDY.resolve_config("quick", {"n_requests": 30, **over})
+def test_tiny_run_is_audited_both_ways(tiny_run):
+    config, _, records, _ = tiny_run
+    audit = audit_records(STUDY, config, records)
+    assert audit["null"]["ok"] and audit["null"]["contrast_verdict"] != "holds"
+    assert audit["extreme"]["ok"] and audit["extreme"]["contrast_verdict"] == "holds"
+
+
+def _simulated(effect: float, seed: int = 0, scale: str = "quick", **over):
+    config = STUDY.resolve_config(scale, over)
     return config, STUDY.simulate(config, effect, np.random.default_rng(seed))
 
 
-def test_verdict_can_go_either_way_and_the_negative_control_can_fail():
+def test_verdict_can_go_either_way():
     config, recs = _simulated(0.9)
-    assert STUDY.analyze(config, recs).verdict.verdict is Verdict.HOLDS
+    a = STUDY.analyze(config, recs)
+    assert a.verdict.verdict is Verdict.HOLDS and a.verdict.arm in {"society/gcg", "society/finetune", "model/gcg",
+                                                                    "model/finetune"}
     config, recs = _simulated(0.0)
     assert STUDY.analyze(config, recs).verdict.verdict is Verdict.DOES_NOT_HOLD
-    config, recs = _simulated(0.7)
-    for r in recs:  # a never-taught that gives harm under attack: the measurement is broken
-        if r["result"]["kind"] == "never-taught":
+
+
+@pytest.mark.parametrize("scale", ["quick", "paper"])
+def test_an_attack_that_adds_nothing_cannot_hold(scale):
+    """The old design subtracted failures of requests that cannot fail: an attack that adds nothing, every request
+    failing 0.6 of the time in every tier, said 'holds'. Paired on the same requests it cannot."""
+    over = {"n_requests": 30} if scale == "paper" else {}
+    config, recs = _simulated(0.9, scale=scale, **over)
+    rng = np.random.default_rng(1)
+    for r in recs:
+        if r["result"]["role"] == "treatment":
             for cell in r["result"]["cells"].values():
-                cell["sophisticated"]["failed"] = [True] * len(cell["sophisticated"]["failed"])
+                for k in ("none", "casual", "gcg", "finetune"):
+                    cell[k] = (rng.random(len(cell["none"])) < 0.6).tolist()
+    v = STUDY.analyze(config, recs).verdict
+    assert v.verdict is not Verdict.HOLDS and v.contrast_verdict is not Verdict.HOLDS
+    assert "not safe by accident" in v.reason
+    # And with the effect removed on the real design's records (null transform) it does not hold either.
+    config, recs = _simulated(0.9, scale=scale, **over)
+    assert STUDY.analyze(config, STUDY.null(config, copy.deepcopy(recs))).verdict.contrast_verdict is \
+        Verdict.DOES_NOT_HOLD
+
+
+def test_a_system_unsafe_by_accident_is_not_the_claim():
+    config, recs = _simulated(0.9)
+    rng = np.random.default_rng(2)
+    for r in recs:
+        if r["result"]["role"] == "treatment":
+            cell = r["result"]["cells"]["society/public"]
+            cell["none"] = (rng.random(len(cell["none"])) < 0.3).tolist()
+    v = STUDY.analyze(config, recs).verdict
+    assert v.verdict is Verdict.INCONCLUSIVE and "not safe by accident: society" in v.reason
+
+
+def test_controls_can_fail():
+    config, recs = _simulated(0.9)
+    for r in recs:  # a base that never fails plainly: the safe-by-accident check would see nothing
+        if r["result"]["role"] == "positive":
+            for cell in r["result"]["cells"].values():
+                cell["none"] = [False] * len(cell["none"])
     a = STUDY.analyze(config, recs)
-    assert a.verdict.verdict is Verdict.INCONCLUSIVE and a.controls[0].status == "fail"
+    assert a.verdict.verdict is Verdict.INCONCLUSIVE and "base is not safe by accident" in a.verdict.reason
+    config, recs = _simulated(0.9)
+    for r in recs:  # a never-taught that gives harm under attack: the measurement is broken
+        if r["result"]["role"] == "negative":
+            for cell in r["result"]["cells"].values():
+                cell["finetune"] = [True] * len(cell["finetune"])
+    a = STUDY.analyze(config, recs)
+    assert a.verdict.verdict is Verdict.INCONCLUSIVE and "never-taught has nothing to extract" in a.verdict.reason
 
 
 def test_a_config_without_attackers_covers_only_the_none_tier():
@@ -57,11 +127,18 @@ def test_a_config_without_attackers_covers_only_the_none_tier():
     assert set(covered.cells()) < set(STUDY.threat_model.cells())
 
 
+def test_old_config_names_still_work():
+    config = STUDY.config_cls(seeds=4, organism_seed=2)
+    assert config.organism_seeds == 4 and config.base_seed == 2
+
+
 @pytest.mark.parametrize("args,needle", [
+    (["--set", "tiers=[]"], "tiers"),
     (["--set", 'tiers=["nation-state"]'], "tiers"),
     (["--set", 'users=["everyone"]'], "users"),
     (["--set", 'assets=["future"]'], "assets"),
-    (["--set", "seeds=0"], "seeds"),
+    (["--set", "organism_variant=sft"], "carries no secret"),
+    (["--set", "organism_seeds=0"], "organism_seeds"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
     code, out, err = run_cli(["run", "threat-model", "--scale", "quick", "--out", str(tmp_path / "runs"), *args],
