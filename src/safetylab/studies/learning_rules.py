@@ -50,6 +50,11 @@ must not clear 2 (it is a restart of backprop: ratio 1 in distribution). Positiv
 rule against its own restart read on shuffled probe rows (a representation of other inputs)
 must clear 2, i.e. the restarts' spread leaves room to see a radical difference at all.
 
+**Audit on its own records** (``safetylab audit``): ``null`` gives every other essay rule the first
+rule's run from the same init with the other data order (cross-rule terms become restarts, ratio 1 in
+distribution); ``extreme`` makes every two rules orthogonal (CKA 0) while each rule's restarts stay
+exactly as measured, the largest ratio this run's restart noise allows.
+
 **Secondary analyses (reported, not decided on).** (1) *Same-init ratio*: cross-rule D at
 the same init and order over within-rule D at the same init with the other order. Backprop
 and FA barely move with data order from a fixed init (CKA ~0.995 on digits), so this
