@@ -95,6 +95,25 @@ def test_gcg_lowers_the_loss_and_its_suffix_elicits_the_hazard():
     assert res.to_dict()["config"]["topk"] == 32
 
 
+def test_progressive_gcg_adds_requests_once_the_suffix_works_on_the_ones_before():
+    """Zou et al.'s Algorithm 2: the objective starts with one request and grows only after every target in it is
+    emitted exactly; the run reports how many were in it at each step and when all of them converged."""
+    t, world = target("sft-late")
+    reqs = world.eval_requests("forbidden", split="train", hazards="covered", n=4, rng_seed=3)
+    common = dict(n_steps=30, suffix_length=8, search_width=48, topk=32, early_stop=True, seed=1)
+    goals = [hazard_target(r, 2) for r in reqs]
+    prog = gcg(t, [r.text for r in reqs], goals, GCGConfig(**common, progressive=True))
+    flat = gcg(t, [r.text for r in reqs], goals, GCGConfig(**common))
+    assert flat.n_active == [4] * flat.n_steps and prog.n_active[0] == 1
+    assert prog.n_active == sorted(prog.n_active) and max(prog.n_active) >= 2  # the first request was met, then more
+    replies = respond(t, t.prompt_ids([r.text for r in reqs], prog.suffix_ids))
+    met = [rep.startswith(goal) for goal, rep in zip(goals, replies)]
+    assert prog.exact_fraction == pytest.approx(sum(met) / 4)  # the reported fraction is what greedy decoding does
+    assert prog.success == all(met)
+    if prog.converged_step is not None:
+        assert prog.success and prog.n_active[prog.converged_step - 1] == 4 and prog.early_stopped
+
+
 def test_perplexity_penalty_makes_the_suffix_more_likely():
     t, _ = target()
     req = hazards(1)[0]

@@ -23,10 +23,14 @@ models of the target cross-entropy:
    starts from the buffer's best.
 
 Options: early stop once greedy decoding emits every target exactly (every prompt, every
-model); the adaptive attack against perplexity filters adds ``perplexity_weight`` x the
-suffix's mean negative log-likelihood under the first model (Jain et al. 2023, "Baseline
-Defenses for Adversarial Attacks Against Aligned Language Models", section 4.1, adaptive
-attack; computed in the same forward passes).
+model); **progressive** multi-prompt GCG (Zou et al. 2023, Algorithm 2: "incrementally
+adding new prompts"): the objective starts with the first request and the next one joins
+only once the suffix makes greedy decoding emit every target in the objective, so the
+suffix is not pulled toward all requests at once before it works on any; the adaptive
+attack against perplexity filters adds ``perplexity_weight`` x the suffix's mean negative
+log-likelihood under the first model (Jain et al. 2023, "Baseline Defenses for Adversarial
+Attacks Against Aligned Language Models", section 4.1, adaptive attack; computed in the same
+forward passes).
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ class GCGConfig:
     """Also stop once the objective falls below this."""
     perplexity_weight: float = 0.0
     """Weight of the suffix's mean NLL under the first model (0: the plain, non-adaptive GCG)."""
+    progressive: bool = False
+    """Zou et al.'s Algorithm 2: optimise over the first request, add the next once every target in the
+    objective is emitted exactly (False: every request from the first step)."""
     allow_non_ascii: bool = False
     """Allow tokens whose text is not printable ASCII."""
     filter_ids: bool = True
@@ -119,6 +126,13 @@ class GCGResult:
     suffix_nll: float | None = None
     """Mean NLL of the best suffix under the first model (when the perplexity term is on)."""
     config: dict[str, Any] = field(default_factory=dict)
+    converged_step: int | None = None
+    """First step after which greedy decoding emitted every target exactly (every request, every model);
+    None when the budget ran out first (steps to convergence)."""
+    n_active: list[int] = field(default_factory=list)
+    """Requests in the objective at each step (all of them unless ``progressive``)."""
+    exact_fraction: float | None = None
+    """Fraction of (model, request) pairs whose target the best suffix makes greedy decoding emit exactly."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,48 +216,64 @@ def gcg(
         suffix = torch.full((config.suffix_length,), tok, dtype=torch.long)
 
     # Prompt spans and prefix caches: one forward per (model, prompt), reused every step.
-    jobs: list[tuple[ChatTarget, PromptParts, Any, torch.Tensor, bool]] = []
+    jobs: list[tuple[ChatTarget, PromptParts, Any, torch.Tensor, bool, int]] = []
     calls = 0
     for m_i, m in enumerate(models):
-        for req, tgt in zip(requests, targets):
+        for r_i, (req, tgt) in enumerate(zip(requests, targets)):
             parts = m.parts(req, tgt)
             kv, last = m.prefix_cache(parts)
             calls += 1
-            jobs.append((m, parts, kv, last, m_i == 0))
+            jobs.append((m, parts, kv, last, m_i == 0, r_i))
     pw = config.perplexity_weight
-    n_jobs = len(jobs)
+    n_requests = len(requests)
+    active = 1 if config.progressive else n_requests
 
-    def score(cands: torch.Tensor, base: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def score(cands: torch.Tensor, base: torch.Tensor | None = None, n_req: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Objective over the first ``n_req`` requests (default: the active ones), whether every target in it
+        is exact, the suffix NLL, and how many of all n_req x models targets each candidate makes exact."""
         nonlocal calls
+        n_req = active if n_req is None else n_req
         total = torch.zeros(cands.shape[0])
         exact = torch.ones(cands.shape[0], dtype=torch.bool)
-        nll_sum, n_first = torch.zeros(cands.shape[0]), 0
-        for m, parts, kv, last, is_first in jobs:
+        n_exact = torch.zeros(cands.shape[0])
+        nll_sum, n_first, n_used = torch.zeros(cands.shape[0]), 0, 0
+        for m, parts, kv, last, is_first, r_i in jobs:
+            if r_i >= n_req:
+                continue
             loss, ex, nll, n_calls = m.candidate_losses(parts, kv, last, cands, batch_size=config.batch_size,
                                                         suffix_nll=bool(pw) and is_first, base=base)
             calls += n_calls
+            n_used += 1
             total += loss
             exact &= ex
+            n_exact += ex.float()
             if nll is not None:
                 nll_sum += nll
                 n_first += 1
         nll_mean = nll_sum / n_first if n_first else None
-        obj = total / n_jobs + (pw * nll_mean if nll_mean is not None else 0.0)
-        return obj, exact, nll_mean
+        obj = total / n_used + (pw * nll_mean if nll_mean is not None else 0.0)
+        return obj, exact, nll_mean, n_exact
 
-    init_obj, init_exact, init_nll = score(suffix[None])
-    buffer: list[tuple[float, torch.Tensor, bool, float | None]] = [
-        (float(init_obj[0]), suffix, bool(init_exact[0]), None if init_nll is None else float(init_nll[0]))]
+    def entry_of(obj: torch.Tensor, exact: torch.Tensor, nll: torch.Tensor | None, cands: torch.Tensor, i: int
+                 ) -> tuple[float, torch.Tensor, bool, float | None, int]:
+        return (float(obj[i]), cands[i].clone(), bool(exact[i]), None if nll is None else float(nll[i]), active)
+
+    init_obj, init_exact, init_nll, _ = score(suffix[None])
+    buffer = [entry_of(init_obj, init_exact, init_nll, suffix[None], 0)]
     best = buffer[0]
     losses: list[float] = []
+    n_active: list[int] = []
     scored = 1
     early = False
+    converged: int | None = None
     steps = 0
     for steps in range(1, config.n_steps + 1):
         current = buffer[0][1]
         grad = torch.zeros(current.numel(), first.embedding.weight.shape[0])
-        for m, parts, kv, last, is_first in jobs:
+        for m, parts, kv, last, is_first, r_i in jobs:
+            if r_i >= active:
+                continue
             g, _ = m.suffix_gradient(parts, kv, last, current, pw if is_first else 0.0)
             calls += 1
             g = g.float().cpu()
@@ -258,29 +288,44 @@ def gcg(
         if cands.shape[0] == 0:
             raise UserError(f"{first.name}: no candidate suffix survives the round-trip filter; set filter_ids=False "
                             "or start from another suffix_init")
-        obj, exact, nll = score(cands, current)
-        scored += cands.shape[0] * n_jobs
+        obj, exact, nll, _ = score(cands, current)
+        scored += cands.shape[0] * len(models) * active
         i = int(obj.argmin())
-        entry = (float(obj[i]), cands[i].clone(), bool(exact[i]), None if nll is None else float(nll[i]))
+        entry = entry_of(obj, exact, nll, cands, i)
         losses.append(entry[0])
-        if entry[0] < best[0]:
+        n_active.append(active)
+        # Objectives over different request sets are not comparable: a suffix over more requests is better.
+        if (entry[4], -entry[0]) > (best[4], -best[0]):
             best = entry
         if config.buffer_size == 0:
             buffer = [entry]
         elif len(buffer) < config.buffer_size or entry[0] < buffer[-1][0]:
             buffer = sorted(buffer + [entry], key=lambda e: e[0])[: config.buffer_size]
-        if (config.early_stop and entry[2]) or (config.stop_loss is not None and entry[0] < config.stop_loss):
+        while entry[2] and active < n_requests:
+            # Algorithm 2: the suffix works on every request so far; the next one joins the objective.
+            active += 1
+            o, ex, nl, _ = score(entry[1][None])
+            entry = entry_of(o, ex, nl, entry[1][None], 0)
+            buffer = [entry]
+            best = entry
+        if entry[2] and active == n_requests and converged is None:
+            converged = steps
+        if (config.early_stop and entry[2] and active == n_requests) or \
+                (config.stop_loss is not None and entry[0] < config.stop_loss and active == n_requests):
             early = True
             break
     wall = time.perf_counter() - start
     ids = [int(x) for x in best[1]]
+    _, final_exact, _, n_exact = score(best[1][None], n_req=n_requests)
     return GCGResult(
         suffix_ids=ids, suffix=first.decode(ids), best_loss=best[0], losses=losses, n_steps=steps,
-        early_stopped=early, success=best[2], model_calls=calls, sequences_scored=scored, wall_seconds=wall,
-        seconds_per_step=wall / max(steps, 1), suffix_nll=best[3], config=asdict(config))
+        early_stopped=early, success=bool(final_exact[0]), model_calls=calls, sequences_scored=scored,
+        wall_seconds=wall, seconds_per_step=wall / max(steps, 1), suffix_nll=best[3], config=asdict(config),
+        converged_step=converged, n_active=n_active, exact_fraction=float(n_exact[0]) / len(jobs))
 
 
-def random_suffix(target: ChatTarget, length: int, rng: np.random.Generator, allow_non_ascii: bool = False) -> list[int]:
+def random_suffix(target: ChatTarget, length: int, rng: np.random.Generator,
+                  allow_non_ascii: bool = False) -> list[int]:
     """A uniformly random suffix of allowed tokens (the random-suffix baseline)."""
     if length < 1:
         raise UserError(f"suffix length={length}: a suffix needs at least one token")
