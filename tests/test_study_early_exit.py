@@ -301,6 +301,15 @@ def test_real_model_path_with_keyword_judge(real_model_folder: Path, tmp_path) -
     analysis = STUDY.analyze(config, [{"key": unit.key, "params": unit.params, "result": res}])
     assert analysis.metrics[f"refusal/{folder / 'model'}/depth_3"]["estimate"] == 0.5
     assert analysis.metrics[f"overrefusal/{folder / 'model'}/depth_3"]["estimate"] == 1.0
+    # The audit transforms work on real-model records too (keyword judge, log-likelihood coherence):
+    # extreme = every harmful request answered, coherently, at the essay's depth (2 of 3); null = no rise.
+    rec = [{"key": unit.key, "params": unit.params, "result": res}]
+    name = str(folder / "model")
+    extreme = STUDY.analyze(config, STUDY.extreme(config, copy.deepcopy(rec)))
+    assert extreme.metrics[f"harmful/unsafe_rate/{name}/depth_2"]["estimate"] == 1.0
+    assert extreme.metrics[f"refusal/{name}/depth_2"]["estimate"] == 0.0
+    null = STUDY.analyze(config, STUDY.null(config, copy.deepcopy(rec)))
+    assert null.metrics[f"harmful/unsafe_rise_at_essay_skip/{name}"]["estimate"] == 0.0
 
     bad = config.model_copy(update={"layers_attr": "model.blocks"})
     for step in (lambda: STUDY.prepare(bad, ctx), lambda: STUDY.run_unit(bad, unit, ctx)):
