@@ -85,7 +85,7 @@ def test_an_attack_that_adds_nothing_cannot_hold(scale):
                     cell[k] = (rng.random(len(cell["none"])) < 0.6).tolist()
     v = STUDY.analyze(config, recs).verdict
     assert v.verdict is not Verdict.HOLDS and v.contrast_verdict is not Verdict.HOLDS
-    assert "not safe by accident" in v.reason
+    assert "safe by accident" in v.reason
     # And with the effect removed on the real design's records (null transform) it does not hold either.
     config, recs = _simulated(0.9, scale=scale, **over)
     assert STUDY.analyze(config, STUDY.null(config, copy.deepcopy(recs))).verdict.contrast_verdict is \
@@ -100,7 +100,7 @@ def test_a_system_unsafe_by_accident_is_not_the_claim():
             cell = r["result"]["cells"]["society/public"]
             cell["none"] = (rng.random(len(cell["none"])) < 0.3).tolist()
     v = STUDY.analyze(config, recs).verdict
-    assert v.verdict is Verdict.INCONCLUSIVE and "not safe by accident: society" in v.reason
+    assert v.verdict is Verdict.INCONCLUSIVE and "not shown safe by accident: society" in v.reason
 
 
 def test_controls_can_fail():

@@ -519,7 +519,7 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
     per_asset = {a: _outcomes(records, "treatment", a, users) for a in assets}
     # Safe by accident: on every asset, the plain failure rate's upper bound at most SAFE_BY_ACCIDENT.
     plain = {a: _rate(o, "none") for a, o in per_asset.items() if o["seed"].size}
-    premises = [f"not safe by accident: {a} requests sent plainly fail {iv:.3f}, upper bound above "
+    premises = [f"not shown safe by accident: {a} requests sent plainly fail {iv:.3f}, upper bound above "
                 f"{SAFE_BY_ACCIDENT:g}" for a, iv in plain.items() if iv.hi is None or iv.hi > SAFE_BY_ACCIDENT]
     # Unsafe to the adversary: paired attacked - plain per asset and access level, Holm over the arms.
     primary = {f"{a}/{k}": _paired(o, k) for a, o in per_asset.items() for k in config.attacks() if k in o}
