@@ -906,7 +906,9 @@ def plots(config: Config, records: list[dict], analysis: Analysis, out_dir: Path
 _SIM = {"honest_cka": 0.966, "honest_sd": 0.012, "gap_sd": 0.012, "untrained_cka": 0.47, "untrained_sd": 0.09,
         "accuracy": 0.95, "backdoor_asr": 0.97, "base_rate": 0.005, "n_test": 449, "n_nontarget": 404}
 """Pilot values at the default setup (14 seeds): honest CKA 0.966 (SD 0.012), paired gap SD 0.012, untrained
-CKA 0.47 (SD 0.09), backdoor ASR 0.97, base rates ≈ 0."""
+CKA 0.47 (SD 0.09), backdoor ASR 0.97, base rates ≈ 0. The quick run (20 seeds, 2026-12-06) measured a paired-gap
+SD of 0.0122 (se 0.0027): ``safetylab calibrate similarity-blindness --against`` puts the simulator's spread at
+0.97x the run's. Seeds are independent (each trains its own reference, retrain and backdoor), as here."""
 
 
 def simulate(config: Config, effect: float, rng: np.random.Generator) -> list[dict]:
