@@ -16,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 import safetylab.studies.learning_rules as lr
+from safetylab.audit import audit_records
 from safetylab.claims import Verdict
 from safetylab.learning import RULES, backprop, load_init
 from safetylab.metrics.similarity import linear_cka
@@ -136,6 +137,21 @@ def test_tiny_run_analysis_is_recomputable_from_stored_activations(tiny_run, tmp
     assert {f.path for f in figs} == {"ratio_per_pair.png", "accuracy.png", "similarity_heatmaps.png"}
 
 
+def test_a_tiny_run_is_audited_on_its_own_records(tmp_path):
+    """Two fast rules trained to 0.8 test accuracy (restarts of an undertrained net differ so much that no ratio
+    could reach 2), six replicates (three independent pairs): the null (the other rule given backprop's run from
+    the same init with the other data order) cannot hold, the extreme (CKA 0 between rules, restarts as measured)
+    does."""
+    config = STUDY.resolve_config("quick", {"seeds": 6, "rules": ("backprop", "feedback_alignment"),
+                                            "hidden_sizes": (32, 16), "probe_size": 300, "train_subsample": 1000,
+                                            "match_accuracy": 0.8, "measures": ("linear_cka",)})
+    _, records = _run(config, tmp_path)
+    audit = audit_records(STUDY, config, records)
+    assert audit["ok"], audit["stuck"]
+    assert audit["null"]["contrast_verdict"] == "does not hold" and audit["extreme"]["contrast_verdict"] == "holds"
+    assert audit["null"]["ci_low"] < 1.0 < audit["null"]["ci_high"] or abs(audit["null"]["estimate"] - 1) < 0.05
+
+
 def test_backprop_under_other_names_does_not_hold(tmp_path, monkeypatch):
     """Every 'rule' is backprop with its own data order: no rule effect, so never 'holds'."""
 
@@ -212,6 +228,42 @@ def test_controls_can_fail():
                                                for h in r["result"][snap]["hidden"]]
     out = STUDY.analyze(config, records)
     assert out.controls[1].status == "fail" and out.verdict.verdict is Verdict.INCONCLUSIVE
+
+
+def test_each_control_is_judged_on_its_own_measure_whatever_the_order(monkeypatch):
+    config = STUDY.resolve_config("quick", STUDY.calibration.overrides)
+    records = STUDY.simulate(config, 10.0, np.random.default_rng(0))
+    by_key = {r["key"]: r for r in records}
+    for s in range(config.seeds):  # the twin is really another rule: the negative control fails, the positive passes
+        by_key[f"backprop-twin/seed{s}"]["result"] = {**by_key[f"forward_forward/seed{s}/a"]["result"],
+                                                      "arm": "backprop-twin", "order": "c"}
+    before = {c.name: (c.status, c.estimate) for c in STUDY.analyze(config, records).controls}
+    assert before["backprop twin is not another rule"][0] == "fail"
+    assert before["a shuffled representation is radically different"][0] == "pass"
+    reversed_claim = lr.CLAIM.model_copy(update={"controls": tuple(reversed(lr.CLAIM.controls))})
+    monkeypatch.setattr(lr, "CLAIM", reversed_claim)
+    after = STUDY.analyze(config, records).controls
+    assert [c.name for c in after] == [c.name for c in reversed_claim.controls]
+    assert {c.name: (c.status, c.estimate) for c in after} == before
+
+
+def test_null_and_extreme_move_the_verdict_on_simulated_records():
+    config = STUDY.resolve_config("quick", STUDY.calibration.overrides)
+    records = STUDY.simulate(config, 4.0, np.random.default_rng(3))
+    assert STUDY.analyze(config, records).verdict.verdict is Verdict.HOLDS
+    audit = audit_records(STUDY, config, records)
+    assert audit["ok"] and audit["null"]["contrast_verdict"] == "does not hold" and audit["null"]["ci_high"] < 1.5
+    # The extreme makes rules orthogonal (CKA 0) and leaves every within-rule comparison, the twin's included, as is.
+    ext = STUDY.extreme(config, json.loads(json.dumps(records)))
+    same, moved = lr._Reader(records, "matched", "linear_cka"), lr._Reader(ext, "matched", "linear_cka")
+    for key in ((("feedback_alignment", 0, "a"), ("feedback_alignment", 1, "a")), (("backprop", 2, "b"), (lr.TWIN, 3, "c"))):
+        assert moved.dissimilarity(*key, 0) == pytest.approx(same.dissimilarity(*key, 0), abs=1e-9)
+    cross = (("backprop", 0, "a"), ("forward_forward", 1, "a"))
+    assert moved.dissimilarity(*cross, 0) == pytest.approx(1.0, abs=1e-9)
+    # The null gives each other rule the first rule's run from the same init with the other data order.
+    nulled = {r["key"]: r["result"] for r in STUDY.null(config, json.loads(json.dumps(records)))}
+    assert nulled["forward_forward/seed1/a"]["final"] == nulled["backprop/seed1/b"]["final"]
+    assert nulled["backprop-twin/seed1"] == {r["key"]: r["result"] for r in records}["backprop-twin/seed1"]
 
 
 def test_encode_decode_round_trip():
