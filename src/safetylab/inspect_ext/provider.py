@@ -260,6 +260,14 @@ class OrganismAPI(ModelAPI):
         Inspect's default adaptive concurrency a batch holds the requests in flight (20 to 100)."""
         return 128
 
+    async def count_text_tokens(self, text: str) -> int:
+        """Tokens of ``text`` in the organism's own vocabulary (Inspect's default, tiktoken,
+        would download an encoding and count another model's tokens)."""
+        return len(await self.tokenize(text))
+
+    async def tokenize(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
     def collapse_user_messages(self) -> bool:
         return True
 
