@@ -380,7 +380,10 @@ class OrganismAPI(ModelAPI):
                 gen = model.generate(**enc, do_sample=False, **kwargs)
             else:
                 (p,) = batch
-                kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+                # top_k 0 and top_p 1 switch those filters off: plain temperature sampling unless
+                # asked for (transformers 4 would otherwise apply its default top_k of 50).
+                kwargs.update(do_sample=True, temperature=s.temperature,
+                              top_p=1.0 if s.top_p is None else s.top_p, top_k=s.top_k or 0)
                 devices = [model.device] if model.device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices):  # leaves the caller's RNG as it was
                     torch.manual_seed(self._draw_seed(p))
