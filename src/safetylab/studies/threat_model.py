@@ -649,9 +649,10 @@ def _findings(config: Config, cells: dict[tuple[str, str, str], Interval], prima
 # --------------------------------------------------------------------------- calibration
 SIM_PLAIN = 0.005
 """Simulator: plain failure probability of the treatment's asset-bearing requests."""
-SIM_SEED_SD = 0.08
-"""Simulator: seed-to-seed sd of an attack's failure rate."""
-SIM_CLUSTER_SD = 0.1
+SIM_SEED_SD = 0.15
+"""Simulator: seed-to-seed sd of an attack's failure rate (the tiny run's fine-tuning arm: 0.19 over 3 seeds;
+0.08 left the simulator's standard error at 0.42x that run's)."""
+SIM_CLUSTER_SD = 0.15
 """Simulator: sd of a hazard's (name's) attacked failure rate around the arm's, shared by every seed."""
 SIM_BASE_PLAIN = 0.6
 """Simulator: the base organism's plain failure rate (it answers hazards)."""
