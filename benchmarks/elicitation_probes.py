@@ -4,8 +4,8 @@ Reads the residual stream after every decoder layer at the last prompt token for
 elicitation study's probe set -- ``--n`` requests (half hazard requests, half look-alikes
 with the same template) plus one next-step prompt per hazard request -- and fits every
 probe the study fits for one organism: the refusal direction per layer (difference of
-means), the next-step knowledge probe with it projected out (template split on covered
-hazards, item-by-item predictions on held-out hazards), the same held-out probe with the
+means), the next-step knowledge probe with it projected out (fitted on covered hazards,
+scored item by item on held-out hazards), the same held-out probe with the
 direction kept, and the forbidden-vs-look-alike probe with the direction kept and removed.
 
 Usage::
@@ -42,15 +42,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=2000, help="probe requests (plus n/2 next-step prompts)")
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (one is fastest for these sizes)")
-    ap.add_argument("--folds", type=int, default=5, help="GroupKFold folds (paper: 5)")
     args = ap.parse_args()
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(args.threads)
     path = get_organism(args.variant, args.scale, seed=args.seed, base_seed=0)
     lm = load_causal_lm(path)
-    config = STUDY.resolve_config("paper", {"organism_scale": args.scale, "n_probe": args.n,
-                                            "probe_folds": args.folds})
+    config = STUDY.resolve_config("paper", {"organism_scale": args.scale, "n_probe": args.n})
     ps = probe_set(World.from_organism(path), config)
     with threadpool_limits(limits=args.threads):
         t = time.perf_counter()
@@ -61,7 +59,7 @@ def main() -> None:
         probes = probe_all(acts, ps, config)
         probe_s = time.perf_counter() - t
     print(f"{args.variant} ({args.scale}, seed {args.seed}), {args.threads} thread(s): {acts.shape[0]} prompts x "
-          f"{acts.shape[1]} layers read in {read_s:.1f} s; all probes ({args.folds} folds) in {probe_s:.1f} s; "
+          f"{acts.shape[1]} layers read in {read_s:.1f} s; all probes in {probe_s:.1f} s; "
           f"total {read_s + probe_s:.1f} s")
     k = probes["knowledge"]["heldout"]
     print("next-step log-loss on held-out hazards (refusal direction removed), by layer:",

@@ -14,7 +14,7 @@ import torch
 from safetylab.audit import audit_records
 from safetylab.claims import Verdict
 from safetylab.study import torch_threads
-from safetylab.studies.elicitation import CLAIM, STUDY, chosen_layer, probe_set
+from safetylab.studies.elicitation import CLAIM, STUDY, probe_set
 
 TINY = {"organism_scale": "tiny", "treatments": ["sft"], "organism_seeds": 2, "shared_base": True,
         "unlearning": ["rmu"], "unlearn_seeds": 1, "unlearn_steps": 5, "n_probe": 240, "probe_folds": 3,
@@ -84,8 +84,7 @@ def test_tiny_run_audit_moves_the_estimate_both_ways(tiny_run) -> None:
     out = audit_records(STUDY, config, records)
     assert out["null"]["ok"] and out["null"]["estimate"] == 0.0
     base = _by_arm(records, "base")[0]["result"]
-    j = chosen_layer(base)
-    assert out["extreme"]["estimate"] == pytest.approx(np.mean(base["probes"]["knowledge"]["heldout"]["log_loss"][j]))
+    assert out["extreme"]["estimate"] == pytest.approx(np.mean(base["probes"]["knowledge"]["heldout"]["log_loss"]))
     assert out["extreme"]["estimate"] > analysis.verdict.estimate + 0.2
 
 
@@ -147,26 +146,22 @@ def test_a_treatment_that_no_longer_refuses_is_an_unmet_premise(quick_sim) -> No
     assert v.verdict is Verdict.INCONCLUSIVE and "premise not met: dpo refuses only 0.00" in v.reason
 
 
-def test_the_layer_is_the_bases_and_no_organism_picks_its_own(quick_sim) -> None:
-    """Issue 29: each organism chose its best layer among near-ties. Here the base's covered-hazard curve
-    chooses for everything paired with it: a treatment's own curve is ignored, and moving the base's
-    minimum moves every organism to that layer."""
+def test_no_layer_is_chosen_the_score_is_the_mean_over_layers(quick_sim) -> None:
+    """Issue 29: each organism chose its best layer among near-ties. Now nothing is chosen: the estimate is
+    exactly the mean over units, prompts and layers of base minus treatment log-loss, so raising one layer of
+    one unit moves it by exactly that change's share and can never switch what is measured."""
     config, records = quick_sim
-    before = STUDY.analyze(config, records)
+    ll = lambda r: np.asarray(r["result"]["probes"]["knowledge"]["heldout"]["log_loss"])  # noqa: E731
+    base = ll(_by_arm(records, "base")[0])
+    treated = [r for t in config.treatments for r in _by_arm(records, t)]
+    exact = np.mean([np.mean(base - ll(r)) for r in treated])
+    v = STUDY.analyze(config, records).verdict
+    assert v.estimate == pytest.approx(exact)
     edited = copy.deepcopy(records)
-    for r in _by_arm(edited, "sft"):
-        r["result"]["probes"]["knowledge"]["template"]["log_loss"] = [0.0] + [9.0] * 7
-    assert STUDY.analyze(config, edited).verdict.estimate == before.verdict.estimate
-    base = _by_arm(edited, "base")[0]["result"]
-    base["probes"]["knowledge"]["template"]["log_loss"] = [9.0] * 7 + [0.0]
-    moved = STUDY.analyze(config, edited)
-    assert chosen_layer(base) == 7
-    rows = next(t for t in moved.tables if t.title.startswith("Knowledge probe")).rows
-    assert {row[2] for row in rows} == {"7"}
-    last = np.mean([np.mean(np.subtract(_by_arm(edited, "base")[0]["result"]["probes"]["knowledge"]["heldout"]
-                                        ["log_loss"][7], r["result"]["probes"]["knowledge"]["heldout"]["log_loss"][7]))
-                    for t in config.treatments for r in _by_arm(edited, t)])
-    assert moved.verdict.estimate == pytest.approx(last)
+    row = edited[[r["key"] for r in edited].index(treated[0]["key"])]["result"]["probes"]["knowledge"]["heldout"]
+    row["log_loss"][3] = [x + 0.8 for x in row["log_loss"][3]]
+    n_layers = len(row["log_loss"])
+    assert STUDY.analyze(config, edited).verdict.estimate == pytest.approx(exact - 0.8 / n_layers / len(treated))
 
 
 def test_the_shared_bases_own_error_widens_the_interval(quick_sim) -> None:
