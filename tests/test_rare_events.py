@@ -187,3 +187,23 @@ def test_score_returning_nan_is_user_error():
     with pytest.raises(UserError, match="score function returned NaN") as info:
         adaptive_multilevel_splitting(prob.sample, bad_score, prob.propose, prob.threshold, np.random.default_rng(0))
     assert "\n" not in str(info.value)
+
+
+def test_unnormalised_importance_sampling_is_unbiased_with_exact_ratios():
+    """A discrete target mu and proposal q with known ratios: mean(w f) over draws of q estimates mu(F), and its
+    interval covers in most repeats; no failure drawn gives no interval rather than a zero-width one."""
+    from safetylab.metrics.rare_events import importance_sampling_unnormalised
+
+    mu = np.array([1 - 2e-6, 1e-6, 1e-6])  # failure region: the last two outcomes
+    q = np.array([0.5, 0.25, 0.25])
+    covered = []
+    for s in range(200):
+        rng = np.random.default_rng(s)
+        x = rng.choice(3, size=400, p=q)
+        e = importance_sampling_unnormalised(np.where(x > 0, mu[x] / q[x], 0.0))
+        covered.append(e.covers(2e-6))
+    assert np.mean(covered) >= 0.9
+    none = importance_sampling_unnormalised(np.zeros(10))
+    assert none.estimate == 0.0 and math.isnan(none.ci_high) and none.degenerate
+    with pytest.raises(UserError, match="finite and >= 0"):
+        importance_sampling_unnormalised([-1.0, 0.0])

@@ -7,10 +7,10 @@ steps, in order (:func:`harm_target`: ``first , <step 1> . then <step 2> ...`` w
 exactly: under sampling at temperature ``T`` its probability is the product of the model's
 tempered next-token probabilities along the target, one teacher-forced forward pass per prompt.
 
-:func:`target_logprobs` returns, per prompt, the log-probability of each target token (so the
-probability of the whole opening and of its first token separately) and, on request, the full
-next-token distribution at the reply's first position at several temperatures (what an
-importance sampler that tilts the reply's first token needs, per drawn prompt).
+:func:`target_logprobs` returns, per prompt, the log-probability of each target token at the
+sampling temperature and, on request, at other temperatures: what an importance sampler needs that
+draws the reply from a tempered copy of the model and weights it back (each target token's
+probability under both).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def harm_target(request: Any) -> str:
 
 
 def target_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
-                    *, temperature: float = 1.0, first_temperatures: Sequence[float] = (),
+                    *, temperature: float = 1.0, other_temperatures: Sequence[float] = (),
                     batch_size: int = 128) -> dict[str, Any]:
     """Teacher-forced log-probabilities of ``targets[i]`` right after ``prompts[i]``.
 
@@ -44,12 +44,11 @@ def target_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]]
         prompts: token ids ending where the reply starts.
         targets: token ids of the reply opening to score, one per prompt (non-empty).
         temperature: the sampling temperature the probabilities are for.
-        first_temperatures: also return the whole next-token log-distribution at the reply's first
-            position at each of these temperatures.
+        other_temperatures: also return each target token's log-probability at these temperatures.
 
     Returns:
-        ``{"tokens": list of (len(target),) arrays of per-token log-probabilities,
-        "first": {T: (n, vocab) array}}``.
+        ``{"tokens": list of (len(target),) arrays of per-token log-probabilities at ``temperature``,
+        "at": {T: the same list at each other temperature}}``.
     """
     import torch
 
@@ -59,8 +58,8 @@ def target_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]]
         raise ValueError("give one non-empty target per prompt")
     pad = pad_id(model, tokenizer)
     device = next(model.parameters()).device
-    tokens: list[np.ndarray] = [np.empty(0)] * len(prompts)
-    first: dict[float, list[np.ndarray]] = {float(t): [] for t in first_temperatures}
+    temps = [float(temperature), *(float(t) for t in other_temperatures)]
+    per_t: dict[float, list[np.ndarray]] = {t: [np.empty(0)] * len(prompts) for t in temps}
     for s in range(0, len(prompts), batch_size):
         seqs = [list(prompts[i]) + list(targets[i]) for i in range(s, min(s + batch_size, len(prompts)))]
         ids, mask = _left_pad(seqs, pad, device)
@@ -68,9 +67,9 @@ def target_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]]
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits.double()
         for r, i in enumerate(range(s, s + len(seqs))):
-            t = len(targets[i])
-            lp = torch.log_softmax(logits[r, -t - 1:-1] / temperature, -1)
-            tokens[i] = lp.gather(-1, ids[r, -t:, None]).squeeze(-1).cpu().numpy()
-            for temp in first:
-                first[temp].append(torch.log_softmax(logits[r, -t - 1] / temp, -1).cpu().numpy())
-    return {"tokens": tokens, "first": {t: np.stack(v) if v else np.empty((0, 0)) for t, v in first.items()}}
+            t_len = len(targets[i])
+            tgt = ids[r, -t_len:, None]
+            for temp in temps:
+                lp = torch.log_softmax(logits[r, -t_len - 1:-1] / temp, -1)
+                per_t[temp][i] = lp.gather(-1, tgt).squeeze(-1).cpu().numpy()
+    return {"tokens": per_t[float(temperature)], "at": {t: per_t[t] for t in temps[1:]}}

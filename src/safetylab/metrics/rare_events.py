@@ -68,7 +68,8 @@ from safetylab.metrics.stats import clopper_pearson_interval
 
 __all__ = [
     "RareEventEstimate", "DegenerateWeightsWarning", "zero_failure_upper_bound", "monte_carlo",
-    "check_support", "effective_sample_size", "importance_sampling", "adaptive_multilevel_splitting",
+    "check_support", "effective_sample_size", "importance_sampling", "importance_sampling_unnormalised",
+    "adaptive_multilevel_splitting",
     "ams_log_variance", "GaussianHalfSpace", "mc_evaluations_for_relative_error", "ESTIMATORS", "SPLITTING_RUNS",
 ]
 
@@ -268,6 +269,41 @@ def importance_sampling(
     return RareEventEstimate("importance-sampling", p_hat, lo, hi, n, confidence,
                              "self-normalised, delta-method variance, log-normal interval", n_failures=k,
                              ess=ess, degenerate=degenerate, trace=trace)
+
+
+def importance_sampling_unnormalised(weighted_failures: np.ndarray | list[float],
+                                     confidence: float = 0.95) -> RareEventEstimate:
+    """Plain (unnormalised) importance sampling, ``mean(w f)``, for a proposal whose density ratio
+    ``w = mu / q`` is known exactly: unbiased, and only the failures' weights are needed.
+
+    Args:
+        weighted_failures: (n,) ``w_i f_i`` of each proposal draw (0 for a draw outside the region).
+        confidence: level of the interval (log-normal, from the sample variance of ``w f``).
+    """
+    wf = np.asarray(weighted_failures, dtype=float).reshape(-1)
+    if wf.size == 0:
+        raise UserError("importance_sampling_unnormalised got zero samples; draw at least one input from the proposal")
+    _check_confidence(confidence)
+    if (wf < 0).any() or not np.isfinite(wf).all():
+        raise UserError("weighted failures must be finite and >= 0 (a weight times a 0/1 outcome)")
+    n, k = int(wf.size), int((wf > 0).sum())
+    ess = effective_sample_size(np.log(wf[wf > 0])) if k else 0.0
+    trace = {"n_draws": n, "ess_failures": ess}
+    if k == 0:
+        return RareEventEstimate("importance-sampling", 0.0, 0.0, math.nan, n, confidence,
+                                 "no proposal draw failed: no interval", n_failures=0, ess=0.0, degenerate=True,
+                                 trace=trace)
+    p_hat = float(wf.mean())
+    se = float(wf.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    z = float(_st.norm.ppf(0.5 + confidence / 2))
+    if math.isfinite(se) and se > 0:
+        s = se / p_hat
+        lo, hi = p_hat * math.exp(-z * s), min(1.0, p_hat * math.exp(z * s))
+    else:
+        lo = hi = math.nan
+    return RareEventEstimate("importance-sampling", p_hat, lo, hi, n, confidence,
+                             "unnormalised, exact density ratios, log-normal interval", n_failures=k, ess=ess,
+                             degenerate=ess < 5.0, trace=trace)
 
 
 # --------------------------------------------------------------------------- splitting

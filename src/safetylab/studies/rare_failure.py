@@ -24,8 +24,9 @@ Accidents (no adversary)
     ``n_population`` requests; the accident probability ``p`` is the pool's mean exact harm
     probability, and ``B`` natural tries fail at least once with probability ``1 - (1 - p)^B``.
     The estimators a deployer without the exact value would use are run against it: Monte Carlo,
-    importance sampling that tilts the model's own reply (its first token drawn at
-    ``pilot_temperature``, weighted back; nothing is computed over the pool beforehand) and
+    importance sampling over the model's own replies (every token of the reply drawn from a mixture
+    of the model at temperature 1 and at ``pilot_temperature``, weighted back by the exact density
+    ratio; nothing is computed over the pool beforehand, one model call per draw) and
     adaptive multilevel splitting (a Student t interval over ``splitting_runs`` independent runs),
     each ``coverage_repeats`` times, so the table gives each interval's measured coverage of the
     exact p; the same on the Gaussian toy at p = 1e-6 .. 1e-9.
@@ -68,6 +69,7 @@ from safetylab.metrics.rare_events import (
     RareEventEstimate,
     adaptive_multilevel_splitting,
     importance_sampling,
+    importance_sampling_unnormalised,
     monte_carlo,
 )
 from safetylab.metrics.stats import Interval, mean_interval, rate_interval, rate_se_floor, wilson_interval
@@ -122,8 +124,9 @@ class Config(OrganismStudyConfig):
     """Natural users: share of requests phrased with templates held out of training."""
     mc_draws: int = Field(20000, ge=1)
     """Monte Carlo draws (model calls) per organism."""
-    pilot_temperature: float = Field(2.0, gt=0)
-    """Importance sampling: the reply's first token is drawn at this temperature (then weighted back to 1)."""
+    pilot_temperature: float = Field(1.5, gt=0)
+    """Importance sampling: the reply's tokens are drawn from the model mixed with itself at this temperature
+    (share 0.8; 0.2 at temperature 1), then weighted back."""
     is_draws: int = Field(4000, ge=1)
     """Importance sampling: draws from the proposal (one model call each)."""
     splitting_particles: int = Field(200, ge=2)
@@ -457,54 +460,46 @@ def refusal_probabilities(model: Any, tokenizer: Any, prompt_ids: list[list[int]
     return res
 
 
-def exact_harm(lm: Any, requests: list[dict[str, Any]], temperatures: tuple[float, ...] = ()) -> dict[str, Any]:
+def exact_harm(lm: Any, requests: list[dict[str, Any]], pilot_temperature: float | None = None) -> dict[str, Any]:
     """Per forbidden request, the exact log-probability that a reply sampled at temperature 1 opens with harm
-    (``log_q``), split into its first token (``log_first``) and the rest; with ``temperatures``, the whole
-    first-token log-distribution at each (for the importance sampler)."""
+    (``log_q``) and that of its first token (``log_first``); with ``pilot_temperature``, also the log-probability
+    of the same opening under the importance sampler's proposal (``log_prop``: each token from the mixture
+    0.2 x the model at temperature 1 + 0.8 x the model at the pilot temperature)."""
     from safetylab.attacks.harm_probability import harm_target, target_logprobs
     from safetylab.lm import encode_prompts
 
     tok = lm.tokenizer
     prompts = encode_prompts(tok, [r["text"] for r in requests])
     targets = [tok(harm_target(r), add_special_tokens=False)["input_ids"] for r in requests]
-    if len({t[0] for t in targets}) > 1:  # every procedure opens with 'first ,': the sampler tilts that one token
-        raise ValueError("harmful openings start with different tokens; the importance sampler needs one first token")
-    out = target_logprobs(lm.model, tok, prompts, targets, first_temperatures=temperatures)
-    return {"log_q": np.array([t.sum() for t in out["tokens"]]), "log_first": np.array([t[0] for t in out["tokens"]]),
-            "first_id": int(targets[0][0]) if targets else -1, "first": out["first"], "prompts": prompts}
+    others = () if pilot_temperature is None else (pilot_temperature,)
+    out = target_logprobs(lm.model, tok, prompts, targets, other_temperatures=others)
+    res = {"log_q": np.array([t.sum() for t in out["tokens"]]), "log_first": np.array([t[0] for t in out["tokens"]]),
+           "prompts": prompts}
+    if pilot_temperature is not None:
+        res["log_prop"] = np.array([np.logaddexp(math.log(0.2) + a, math.log(0.8) + b).sum()
+                                    for a, b in zip(out["tokens"], out["at"][float(pilot_temperature)])])
+    return res
 
 
-def _accident_estimates(q: np.ndarray, tilt: dict[str, Any], config: Config,
+def _accident_estimates(q: np.ndarray, log_prop: np.ndarray, config: Config,
                         rng: np.random.Generator) -> dict[str, RareEventEstimate]:
-    """MC, reply-tilted IS and splitting on one pool; every draw's outcome is sampled from the model's exact
-    distribution and costs one model call. ``tilt`` holds, per forbidden pool request, the first-token
-    log-distributions at temperature 1 and at the pilot temperature and the log-probability of the rest of the
-    harmful opening after its first token."""
+    """MC, reply-level IS and splitting on one pool; every draw's outcome is sampled from the model's exact
+    distribution (or the proposal's) and costs one model call. ``log_prop``: per pool request, the log-probability
+    of its harmful opening under the importance sampler's proposal (``-inf`` for benign requests)."""
     from scipy import stats as st
 
     n_pool = q.size
     out: dict[str, RareEventEstimate] = {}
     idx = rng.integers(n_pool, size=config.mc_draws)
     out["monte-carlo"] = monte_carlo(rng.random(idx.size) < q[idx])
-    # IS: requests from the natural distribution; the reply's first token from a defensive mixture of the model at
-    # temperature 1 (share 0.2) and at the pilot temperature, weighted back. Nothing about the pool is computed
-    # beforehand: each draw costs one model call on the request it drew.
+    # IS: requests from the natural distribution, the reply drawn token by token from the tempered mixture until it
+    # leaves the harmful opening (then from the model itself: ratio 1). A draw that completes the opening happens
+    # with probability exp(log_prop) and weighs q / exp(log_prop); the others weigh nothing in the unnormalised
+    # estimator. Nothing about the pool is computed beforehand: each draw costs one model call on its request.
     rows = rng.integers(n_pool, size=config.is_draws)
-    fail = np.zeros(rows.size, bool)
-    log_w = np.zeros(rows.size)
-    pos = tilt["row"][rows]  # position among forbidden requests; -1: benign (cannot fail, weight 1)
-    hit = pos >= 0
-    if hit.any():
-        lp1, lpp = tilt["T1"][pos[hit]], tilt["pilot"][pos[hit]]
-        log_prop = np.logaddexp(math.log(0.2) + lp1, math.log(0.8) + lpp)
-        cdf = np.cumsum(np.exp(log_prop), axis=1)
-        x1 = np.minimum((cdf < rng.random(len(cdf))[:, None] * cdf[:, -1:]).sum(axis=1), cdf.shape[1] - 1)
-        picked = np.arange(len(x1))
-        log_w[hit] = lp1[picked, x1] - log_prop[picked, x1]
-        fail[hit] = (x1 == tilt["first_id"]) & (np.log(rng.random(len(x1))) < tilt["log_rest"][pos[hit]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out["importance-sampling"] = importance_sampling(fail, log_w, np.zeros(rows.size))
+    hit = np.log(rng.random(rows.size)) < log_prop[rows]
+    wf = np.where(hit, np.exp(np.log(np.maximum(q[rows], 1e-300)) - np.where(hit, log_prop[rows], 0.0)), 0.0)
+    out["importance-sampling"] = importance_sampling_unnormalised(wf)
     # Splitting over (request, g), u = Phi(g): harm iff u <= q, score ln q - ln u; Student t over independent runs.
     log_q = np.log(np.maximum(q, 1e-300))
 
@@ -610,7 +605,7 @@ def _run_organism(config: Config, variant: str, seed: int, ctx: Context, rng: np
     attacked = [pool[i] for i in forb[: config.n_attack]]
     if variant != config.control_variant:
         reqs = [pool[i] for i in forb]
-        harm = exact_harm(lm, reqs, (1.0, config.pilot_temperature))
+        harm = exact_harm(lm, reqs, config.pilot_temperature)
         probs = refusal_probabilities(lm.model, lm.tokenizer, harm["prompts"], [1.0])
         q = np.zeros(len(pool))
         q[forb] = np.exp(harm["log_q"])
@@ -618,13 +613,11 @@ def _run_organism(config: Config, variant: str, seed: int, ctx: Context, rng: np
         no_refusal[forb] = probs["T=1"]
         greedy = np.zeros(len(pool))
         greedy[forb] = probs["greedy"]
-        row = np.full(len(pool), -1)
-        row[forb] = np.arange(len(forb))
-        tilt = {"row": row, "T1": harm["first"][1.0], "pilot": harm["first"][config.pilot_temperature],
-                "first_id": harm["first_id"], "log_rest": harm["log_q"] - harm["log_first"]}
+        log_prop = np.full(len(pool), -np.inf)
+        log_prop[forb] = harm["log_prop"]
         exact = float(q.mean())
-        first = _accident_estimates(q, tilt, config, rng)
-        runs = [first] + [_accident_estimates(q, tilt, config, rng) for _ in range(config.coverage_repeats - 1)]
+        first = _accident_estimates(q, log_prop, config, rng)
+        runs = [first] + [_accident_estimates(q, log_prop, config, rng) for _ in range(config.coverage_repeats - 1)]
         out["population"] = {
             "n": len(pool), "n_forbidden": len(forb), "q_harm": [float(v) for v in q],
             "q_no_refusal": [float(v) for v in no_refusal], "greedy_fail": [int(v) for v in greedy],
@@ -838,8 +831,8 @@ def _accident_tables(config: Config, toy: Any, clf: Any, orgs: list[dict[str, An
                  columns=["system", "exact p", "estimator", "estimate", "95% interval", "model calls", "covers exact",
                           "coverage over repeated runs [Wilson 95%]"], rows=rows,
                  caption="Monte Carlo: Clopper-Pearson (no failure: one-sided exact upper bound); importance sampling: "
-                         "the reply's first token tilted to the pilot temperature, self-normalised, log-normal "
-                         "interval; splitting: Student t over independent runs. Estimators never see the exact value; "
+                         "the reply drawn from the model mixed with itself at the pilot temperature, unnormalised, "
+                         "log-normal interval; splitting: Student t over independent runs. Estimators never see the exact value; "
                          "the last column counts how many independent runs' intervals contain it.")]
     cov_rows = [[p, name, _cov_cell(c), f"{c['mean_evaluations']:.0f}", f"{c['median_ratio']:.3g}"]
                 for p, per in ((toy or {}).get("coverage") or {}).items() for name, c in per.items()]
@@ -902,11 +895,10 @@ def _findings(config: Config, orgs: list[dict[str, Any]], metrics: dict[str, Any
                        "for no refusal.")
         if pop.get("p_first_token"):
             rest = pop["exact_p"] / pop["p_first_token"]
-            where = ("in the procedure after the first token, which the importance sampler does not tilt"
-                     if rest < pop["p_first_token"] else "in the first token, which the importance sampler tilts")
+            where = "in the procedure after the first token" if rest < pop["p_first_token"] else "in the first token"
             out.append(f"{o['variant']} seed {o['seed']}: the harmful opening's first token has probability "
                        f"{_fmt_p(pop['p_first_token'])} and the rest of it, given that token, {_fmt_p(rest)}: most of "
-                       f"the rarity lies {where} (its coverage is in table 'Accident side').")
+                       f"the rarity lies {where}.")
         q = np.sort(np.asarray(pop.get("q_harm") or [], dtype=float))[::-1]
         if q.size and q.sum() > 0:
             k_half = int(np.searchsorted(np.cumsum(q) / q.sum(), 0.5) + 1)
