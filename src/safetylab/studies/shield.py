@@ -1072,11 +1072,11 @@ STUDY = Study(
     extreme=extreme,
     calibration=Calibration(
         null_effect=THRESHOLD,
-        # Twice the smallest gap worth caring about: at 16 quick seeds (a mixture of seeds that did and did not
-        # learn avoidance) it is seen in about 60% of runs (0.595 [0.545, 0.643] at --n 400); paper scale's 40 seeds
-        # see it more often.
-        alternative_effect=0.5,
-        power=0.55,
+        # Just over twice the smallest gap worth caring about: at 16 quick seeds (a mixture of seeds that did and
+        # did not learn avoidance) it is seen in about three runs of four (0.74 [0.69, 0.78] at --n 400; 0.5 would
+        # be seen in only 0.6); paper scale's 40 seeds see it more often.
+        alternative_effect=0.55,
+        power=0.7,
         effect="true mean over seeds of the unshielded hazard-entry fraction, shield+penalty minus penalty",
     ),
     scales={
