@@ -30,7 +30,6 @@ def test_every_study_is_calibrated(name):
         f"{name}: says 'holds' in {null['holds_rate']:.1%} of runs at the null {null}"
     # The simulator's controls behave as designed, so the verdict is the contrast's.
     assert alt["ok"], f"{name}: power {alt['holds_rate']:.1%} below declared {alt['declared_power']:.0%}"
-    assert alt["holds_rate"] >= 0.5
     assert not res["calibrated"] and not res["enough_draws"]  # N_TEST < 400: no calibration verdict
 
 

@@ -112,7 +112,7 @@ def test_does_not_hold_needs_every_arm_below():
 
 @pytest.mark.parametrize("evidence, why", [
     (Evidence(primary={}, controls={"planted effect is seen": NotRun("a"), "placebo shows none": NotRun("b")},
-              missing="no seed finished"), "control not run"),
+              missing="no seed finished"), "nothing measured: no seed finished; control not run"),
     (Evidence(primary={}, controls={"planted effect is seen": _iv(1, 0.9, 1.1), "placebo shows none": _iv(0, -.1, .1)},
               missing="no seed finished"), "nothing measured: no seed finished"),
     (Evidence(primary={"treated": _iv(0.25, 0.1, 0.4)},
@@ -139,6 +139,20 @@ def test_interval_clips_to_bounds_and_keeps_se_for_other_levels():
     wider = iv.at_level(0.99)
     assert wider.lo < iv.lo and wider.hi <= 1.0
     assert f"{iv:.2f}".startswith("0.99 [") and str(iv).count(".") == 3
+
+
+def test_log_scale_interval_moves_level_and_tests_on_the_log():
+    """A geometric-mean ratio: bounds are ratios, se/df the log's; the Bonferroni level and the
+    p-value against a ratio threshold are computed on the log scale."""
+    logs = np.log([1.4, 1.6, 1.5, 1.7, 1.3])
+    base = mean_interval(logs)
+    iv = Interval(float(np.exp(base.estimate)), float(np.exp(base.lo)), float(np.exp(base.hi)), n=5, se=base.se,
+                  df=base.df, log=True)
+    wide = iv.at_level(0.99)
+    assert wide.lo == pytest.approx(math.exp(base.at_level(0.99).lo))
+    assert wide.hi == pytest.approx(math.exp(base.at_level(0.99).hi))
+    assert iv.p_value(2.0) == pytest.approx(base.p_value(math.log(2.0)))
+    assert iv.triple() == [iv.estimate, iv.lo, iv.hi] and math.isnan(Interval(None).triple()[0])
 
 
 def test_difference_carries_both_errors():

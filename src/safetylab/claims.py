@@ -483,10 +483,10 @@ def decide(claim: Claim, evidence: Evidence, *, confidence: float = 0.95) -> Dec
         reasons.append(f"control failed: {'; '.join(failed)}")
     if missing:
         reasons.append(f"control not run: {'; '.join(missing)}")
-    if raw is Verdict.INCONCLUSIVE and not reasons:
-        if chosen is None:
-            reasons.append(f"nothing measured: {evidence.missing or 'no treatment arm has an estimate'}")
-        elif not chosen.decided:
+    if chosen is None:  # said whatever else is wrong: a missing primary is never only a missing control
+        reasons.insert(0, f"nothing measured: {evidence.missing or 'no treatment arm has an estimate'}")
+    elif raw is Verdict.INCONCLUSIVE and not reasons:
+        if not chosen.decided:
             reasons.append(f"no interval: {chosen.method or 'too few units'}")
         else:
             reasons.append(f"too little power: the interval [{chosen.lo:.3g}, {chosen.hi:.3g}] straddles the "

@@ -309,6 +309,9 @@ class Interval:
     level: float = 0.95
     bounds: tuple[float, float] | None = None
     """The quantity's range (a rate: (0, 1); a difference of rates: (-1, 1))."""
+    log: bool = False
+    """A ratio estimated on the log scale (a geometric mean): estimate and bounds are ratios,
+    ``se`` and ``df`` belong to the log, and :meth:`at_level` / :meth:`p_value` work there."""
 
     def __post_init__(self) -> None:
         est, lo, hi, se = (_finite(v) for v in (self.estimate, self.lo, self.hi, self.se))
@@ -345,6 +348,9 @@ class Interval:
         if self.se is None or self.df is None:
             raise ValueError(f"an interval without se/df ({self.method or 'no method'}) cannot be moved to level "
                              f"{level}; give the study's Interval se and df, or one treatment only")
+        if self.log:
+            _, lo, hi = t_interval(math.log(self.estimate), self.se, self.df, level)
+            return replace(self, lo=math.exp(lo), hi=math.exp(hi), level=level)
         _, lo, hi = t_interval(self.estimate, self.se, self.df, level, bounds=self.bounds)
         return replace(self, lo=lo, hi=hi, level=level)
 
@@ -353,8 +359,17 @@ class Interval:
         ``nan`` without ``se``."""
         if self.estimate is None or self.se is None or self.df is None:
             return math.nan
+        if self.log:
+            if self.estimate <= 0 or threshold <= 0:
+                return math.nan
+            p = t_pvalue_greater(math.log(self.estimate), self.se, self.df, math.log(threshold))
+            return p if direction == "greater" else (1.0 - p if math.isfinite(p) else p)
         p = t_pvalue_greater(self.estimate, self.se, self.df, threshold)
         return p if direction == "greater" else (1.0 - p if math.isfinite(p) else p)
+
+    def triple(self) -> list[float]:
+        """``[estimate, lo, hi]`` with ``nan`` where missing (what plots read)."""
+        return [math.nan if v is None else v for v in (self.estimate, self.lo, self.hi)]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: estimate, lo, hi, n, se, df, level, method."""
