@@ -17,7 +17,7 @@ from safetylab.study import torch_threads
 from safetylab.studies.elicitation import CLAIM, STUDY, probe_set
 
 TINY = {"organism_scale": "tiny", "treatments": ["sft"], "organism_seeds": 2, "shared_base": True,
-        "unlearning": ["rmu"], "unlearn_seeds": 1, "unlearn_steps": 5, "n_probe": 240, "probe_folds": 3,
+        "unlearning": ["rmu"], "unlearn_seeds": 1, "unlearn_steps": 5, "n_probe": 240,
         "n_eval": 24, "n_benign_eval": 8, "n_direction_val": 8, "attack_steps": 5}
 NEG = "never-taught gains nothing over the base"
 POS = "base knows the held-out procedures"
