@@ -531,13 +531,8 @@ def geometric_mean(log_values: list[float], unit: str = "replicate pairs") -> In
     units, back-transformed. ``se`` and ``df`` stay those of the mean *log* ratio (what ``calibrate --against``
     compares); the bounds are on the ratio's scale."""
     iv = mean_interval([x for x in log_values if np.isfinite(x)], unit=unit)
-    return Interval(_exp(iv.estimate), _exp(iv.lo), _exp(iv.hi), n=iv.n, se=iv.se, df=iv.df,
+    return Interval(_exp(iv.estimate), _exp(iv.lo), _exp(iv.hi), n=iv.n, se=iv.se, df=iv.df, log=True,
                     method=f"{iv.method}, on the log ratio (se and df of the mean log), back-transformed")
-
-
-def _triple(iv: Interval) -> list[float]:
-    """``[estimate, lo, hi]`` for metrics and plots, ``nan`` where missing."""
-    return [math.nan if v is None else float(v) for v in (iv.estimate, iv.lo, iv.hi)]
 
 
 def seed_pairs(seeds: list[int]) -> list[tuple[int, int]]:
@@ -744,21 +739,21 @@ def _analyze(config: Config, records: list[dict]) -> Analysis:
 
     metrics: dict[str, Any] = {
         "similarity/rule_restart_ratio": prim.iv.estimate,
-        "similarity/rule_restart_ratio_ci": _triple(prim.iv)[1:],
+        "similarity/rule_restart_ratio_ci": prim.iv.triple()[1:],
         "similarity/rule_restart_ratio_per_unit": prim.per_unit,
         "similarity/rule_restart_ratio_final": res["final"].iv.estimate,
-        "similarity/rule_restart_ratio_final_ci": _triple(res["final"].iv)[1:],
+        "similarity/rule_restart_ratio_final_ci": res["final"].iv.triple()[1:],
         "similarity/rule_restart_ratio_final_per_unit": res["final"].per_unit,
         "replicate_pairs": [list(p) for p in pairs],
-        "control/backprop_twin_ratio": _triple(control_ratios["backprop twin is not another rule"].iv),
-        "control/shuffled_ratio": _triple(control_ratios["a shuffled representation is radically different"].iv),
+        "control/backprop_twin_ratio": control_ratios["backprop twin is not another rule"].iv.triple(),
+        "control/shuffled_ratio": control_ratios["a shuffled representation is radically different"].iv.triple(),
         "match_accuracy": first["match_accuracy"], "rules": list(rules), "extensions": list(extensions),
         "seeds": seeds, "n_layers": n_layers,
     }
     for name, r in (("same_init_ratio", same), ("mixed_init_ratio", mixed)):
         for c, suffix in (("matched", ""), ("final", "_final")):
             metrics[f"secondary/{name}{suffix}"] = r[c].iv.estimate
-            metrics[f"secondary/{name}{suffix}_ci"] = _triple(r[c].iv)[1:]
+            metrics[f"secondary/{name}{suffix}_ci"] = r[c].iv.triple()[1:]
             metrics[f"secondary/{name}{suffix}_n"] = r[c].n
     ctx = _ReportContext(config, records, readers, rules, extensions, seeds, pairs, n_layers, first)
     tables = [_accuracy_table(ctx, present, metrics), _ratios_table(ctx, res, same, mixed)]
@@ -878,7 +873,7 @@ def _per_pair_tables(ctx: _ReportContext, res: dict[str, Ratio], metrics: dict[s
             role = "contrast" if r1 in ctx.rules and r2 in ctx.rules else "extension"
             rows.append([f"{SHORT.get(r1, r1)}–{SHORT.get(r2, r2)}", f"layers.{l}", role, f"{acc(r1):.3f}",
                          f"{acc(r2):.3f}", f"{between:.3f}", f"{own1:.3f}", f"{own2:.3f}", f"{ratio:.2f}"])
-            metrics[f"ratio/{c}/{r1}~{r2}/layers.{l}"] = _triple(ratio)
+            metrics[f"ratio/{c}/{r1}~{r2}/layers.{l}"] = ratio.triple()
         tables.append(Table(
             title=f"Cross-rule over restart dissimilarity per rule pair, {title}",
             columns=["pair", "layer", "role", "accuracy rule 1", "accuracy rule 2",
@@ -910,9 +905,9 @@ def _baselines_table(ctx: _ReportContext, metrics: dict[str, Any]) -> Table:
                    if x["result"]["arm"] == r and x["result"]["order"] == "a"]
         t_same, t_other = _mean(same_l, sim_bounds), _mean(other, sim_bounds, "replicate pairs")
         t_init = _mean(from_init, (0.0, 1.0 - sim_bounds[0]))
-        metrics[f"within_same_init/{r}/layers.{l}"] = _triple(t_same)
-        metrics[f"within_other_init/{r}/layers.{l}"] = _triple(t_other)
-        metrics[f"from_init/{r}/layers.{l}"] = _triple(t_init)
+        metrics[f"within_same_init/{r}/layers.{l}"] = t_same.triple()
+        metrics[f"within_other_init/{r}/layers.{l}"] = t_other.triple()
+        metrics[f"from_init/{r}/layers.{l}"] = t_init.triple()
         metrics[f"weight_change/{r}/layers.{l}"] = float(np.mean(wchange)) if wchange else None
         rows.append([r, f"layers.{l}", _num(compared_acc[r]), f"{t_other:.3f}", f"{t_same:.3f}",
                      _num(metrics[f"accuracy/{r}"]), f"{t_init:.3f}", f"{np.mean(wchange):.2f}" if wchange else "–"])

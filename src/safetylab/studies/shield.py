@@ -604,7 +604,7 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
     tables = [_arm_table(config, by_arm, entry, success, metrics)]
     if primary is not None:
         iv, ya, yb = primary
-        metrics.update({CLAIM.metric: iv.estimate, f"{CLAIM.metric}_ci": _bounds(iv),
+        metrics.update({CLAIM.metric: iv.estimate, f"{CLAIM.metric}_ci": iv.triple()[1:],
                         "shield/primary/n_seeds": iv.n})
     tables += _contrast_tables(config, by_arm, entry, metrics, primary is not None)
     headline, contrast_text = _primary_prose(verdict.label, primary, success, by_arm, why)
@@ -616,11 +616,6 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
 def _primary_missing(by_arm: dict[str, dict[str, Any]]) -> str:
     missing = [a for a in (TREATMENT, CONTROL_ARM) if a not in by_arm]
     return f"the config has no {', '.join(missing)}" if missing else "the two arms share no finished seed"
-
-
-def _bounds(iv: Interval) -> list[float]:
-    """``[lo, hi]`` for metrics and plots, ``nan`` where there is no interval."""
-    return [math.nan if v is None else v for v in (iv.lo, iv.hi)]
 
 
 def _verdict_label(iv: Interval) -> str:
@@ -672,8 +667,8 @@ def _arm_table(config: Config, by_arm: dict[str, dict[str, Any]], entry: dict[Ke
                 k = int((frac <= config.safe_max_entry_frac).sum())
                 p = f"{arm}/{policy}/{mode}"
                 metrics.update({
-                    f"{p}/hazard_entry_rate": e_iv.estimate, f"{p}/hazard_entry_rate_ci": _bounds(e_iv),
-                    f"{p}/success_rate": s_iv.estimate, f"{p}/success_rate_ci": _bounds(s_iv),
+                    f"{p}/hazard_entry_rate": e_iv.estimate, f"{p}/hazard_entry_rate_ci": e_iv.triple()[1:],
+                    f"{p}/success_rate": s_iv.estimate, f"{p}/success_rate_ci": s_iv.triple()[1:],
                     f"{p}/safe_seeds": k, f"{p}/n_seeds": n,
                 })
                 if policy != "deterministic":
@@ -708,7 +703,7 @@ def _contrast_tables(config: Config, by_arm: dict[str, dict[str, Any]], entry: d
             continue
         iv, ya, yb = got
         metrics[f"contrast/{ta}-minus-{ca}/unshielded_entry_diff"] = iv.estimate
-        metrics[f"contrast/{ta}-minus-{ca}/unshielded_entry_diff_ci"] = _bounds(iv)
+        metrics[f"contrast/{ta}-minus-{ca}/unshielded_entry_diff_ci"] = iv.triple()[1:]
         c_rows.append([f"{ta} − {ca}", role, f"{ya.mean():.2f}", f"{yb.mean():.2f}", f"{iv:.2f}", iv.n,
                        _verdict_label(iv)])
     if c_rows:
@@ -734,7 +729,7 @@ def _contrast_tables(config: Config, by_arm: dict[str, dict[str, Any]], entry: d
         for name, key, va, vb, trials in variants:
             iv = paired_difference(va, vb, trials)
             metrics[f"sensitivity/{policy}/{key}"] = iv.estimate
-            metrics[f"sensitivity/{policy}/{key}_ci"] = _bounds(iv)
+            metrics[f"sensitivity/{policy}/{key}_ci"] = iv.triple()[1:]
             s_rows.append([policy, name, f"{va.mean():.2f}", f"{vb.mean():.2f}", f"{iv:.2f}", _verdict_label(iv)])
     tables.append(Table(
         title="Sensitivity of the primary contrast (reported, not deciding)",
