@@ -19,7 +19,7 @@ from safetylab.studies.jailbreak_transfer import CLAIM, STUDY, SAME_BASE, _arm
 TINY = {"organism_scale": "tiny", "source_variant": "sft-late", "organism_seeds": 1,
         "targets": ["sft-late", "sft", "sft-small", "never-taught", "depth-robust"], "n_train": 8,
         "n_heldout_templates": 6, "n_heldout_hazards": 4, "n_benign": 20, "gcg_steps": 8, "search_width": 48,
-        "topk": 32, "suffix_length": 8, "n_random_suffixes": 2, "max_new_tokens": 32,
+        "topk": 32, "suffix_length": 8, "n_random_suffixes": 2, "max_new_tokens": 32, "progressive": True,
         "small_overrides": {"model": {"n_layers": 1}}}
 
 
@@ -93,13 +93,17 @@ def test_old_config_names_still_work():
 
 def test_simulated_records_decide_both_ways():
     config = STUDY.resolve_config("quick", {"n_benign": 20})
-    rng = np.random.default_rng(0)
-    strong = STUDY.analyze(config, STUDY.simulate(config, 0.6, rng))
+    strong = STUDY.analyze(config, STUDY.simulate(config, 0.6, np.random.default_rng(0)))
     assert strong.verdict.verdict == Verdict.HOLDS and strong.verdict.arm in ("sft-small", "sft-narrow")
     assert all(c.status == "pass" for c in strong.controls)
-    none = STUDY.analyze(config, STUDY.simulate(config, 0.0, rng))
-    assert none.verdict.verdict == Verdict.DOES_NOT_HOLD
-    assert none.verdict.ci_high <= CLAIM.threshold
+    # No transfer at all: never "holds", and often narrow enough to say "does not hold" (5 seeds x 18 hazards,
+    # Bonferroni over two kinds; the rest straddle the threshold and say why).
+    none = [STUDY.analyze(config, STUDY.simulate(config, 0.0, np.random.default_rng([3, i]))).verdict
+            for i in range(12)]
+    assert not any(v.verdict == Verdict.HOLDS for v in none)
+    assert sum(v.verdict == Verdict.DOES_NOT_HOLD for v in none) >= 3
+    assert all(v.ci_high <= CLAIM.threshold for v in none if v.verdict == Verdict.DOES_NOT_HOLD)
+    assert all("too little power" in v.reason for v in none if v.verdict == Verdict.INCONCLUSIVE)
 
 
 @pytest.mark.parametrize("args,needle", [
