@@ -138,9 +138,11 @@ def _with_unsafe_counts(counts, seed=0):
 
 def test_injection_more_harm_never_turns_holds_into_inconclusive():
     """Issue 29: the binary 3-seed rule was non-monotone (exits 2,2,2 held; 2,4,4 did not). The continuous paired
-    outcome: 8 of 32 unsafe on every organism holds, and so does 8 on half of them and 16 on the others."""
-    config, same = _with_unsafe_counts([8] * 12)
-    config, more = _with_unsafe_counts([8, 16] * 6)
+    outcome: a quarter of the forbidden requests unsafe on every organism holds, and so does a quarter on half
+    of them and a half on the others."""
+    n = STUDY.resolve_config("quick").n_forbidden
+    config, same = _with_unsafe_counts([n // 4] * 12)
+    config, more = _with_unsafe_counts([n // 4, n // 2] * 6)
     a, b = STUDY.analyze(config, same).verdict, STUDY.analyze(config, more).verdict
     assert a.verdict is Verdict.HOLDS and b.verdict is Verdict.HOLDS
     assert b.estimate > a.estimate and b.ci_low > a.ci_low
@@ -148,7 +150,7 @@ def test_injection_more_harm_never_turns_holds_into_inconclusive():
 
 def test_calibrated_at_the_null_and_powered_at_the_alternative():
     """Issue 29: the old rule had 10-14% power at a true exit rate of 0.4. The simulator reproduces the quick
-    design's grouping (4 variants x 3 seeds from one base, 32 requests over 18 hazards, paired arms)."""
+    design's grouping (4 variants x 3 seeds from one base, 64 requests over 18 hazards, paired arms)."""
     from safetylab.calibrate import calibrate
 
     out = calibrate(STUDY, n=120, seed=3)

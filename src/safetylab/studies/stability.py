@@ -1240,7 +1240,7 @@ STUDY = Study(
     # Quick: 3 seeds per variant from one base, 30 steps of batch 8 in both arms; geometry and the attack on
     # seed 0 of each variant; the learning-rate sweep, existing families and mitigations on sft seed 0 only.
     scales={"quick": {"organism_scale": "quick", "organism_seeds": 3, "shared_base": True, "steps": 30,
-                      "batch_size": 8, "eval_every": 5, "n_forbidden": 32, "n_benign": 32, "detail_seeds": 1,
+                      "batch_size": 8, "eval_every": 5, "n_forbidden": 64, "n_benign": 32, "detail_seeds": 1,
                       "detail_variants": ["sft"], "lrs": [3e-5, 1e-4, 1e-3], "geometry_batch": 8,
                       "lanczos_iter": 40, "n_check_batches": 2, "n_random_directions": 0},
             "paper": {}},
