@@ -411,7 +411,9 @@ def rate_interval(values: Sequence[float] | np.ndarray, *, seeds: Sequence[Any] 
     """Mean of per-observation outcomes (0/1, or fractions with ``binary=False``) with a cluster-robust
     t interval over ``seeds`` and ``clusters`` (:func:`clustered_mean_interval`). A 0/1 mean gets a
     binomial standard-error floor, so 200 refusals of 200 give a narrow interval, not a zero-width
-    one. Seeds are a grouping only when there are several of them."""
+    one. Seeds are a grouping only when there are several of them. ``bounds`` defaults to a rate's
+    (0, 1) whatever ``binary`` says: a mean of fractions stays in range that way, but pass
+    ``bounds=None`` (or the measure's own range) for anything else, e.g. a log-loss."""
     v = np.asarray(values, dtype=float)
     if v.size == 0:
         return Interval(None, method="no observations", level=confidence, bounds=bounds)
