@@ -68,7 +68,8 @@ def test_verdict_can_go_either_way():
     assert a.verdict.verdict is Verdict.HOLDS and a.verdict.arm in {"society/gcg", "society/finetune", "model/gcg",
                                                                     "model/finetune"}
     config, recs = _simulated(0.0)
-    assert STUDY.analyze(config, recs).verdict.verdict is Verdict.DOES_NOT_HOLD
+    assert STUDY.analyze(config, recs).verdict.verdict is not Verdict.HOLDS
+    assert STUDY.analyze(config, STUDY.null(config, recs)).verdict.verdict is Verdict.DOES_NOT_HOLD
 
 
 @pytest.mark.parametrize("scale", ["quick", "paper"])

@@ -931,12 +931,14 @@ def _retry_tables(orgs: list[dict[str, Any]]) -> list[Table]:
 
 
 # --------------------------------------------------------------------------- calibration
-SIM_LOG10_P = (-6.0, 0.5)
-"""Simulator: mean and seed-to-seed sd of log10 of the pool's exact harm probability."""
+SIM_LOG10_P = (-3.55, 0.25)
+"""Simulator: mean and seed-to-seed sd of log10 of the pool's exact harm probability (the quick run: 1.4e-4 to
+5.3e-4 over 5 sft seeds, so that 1 - (1 - p)^256 is near the premise's 0.1, as there)."""
 SIM_REQUEST_SD = 1.5
 """Simulator: sd of a request's log10 harm probability around its pool's (harm concentrates on few requests)."""
-SIM_NO_REFUSAL = 3e-3
-"""Simulator: no-refusal probability, far above harm (what the old contrast charged to accidents)."""
+SIM_NO_REFUSAL = 2e-3
+"""Simulator: no-refusal probability, above harm (the quick run: 1.3e-3 to 2.5e-3; what the old contrast charged
+to accidents)."""
 SIM_SEED_SD = 0.1
 """Simulator: seed-to-seed sd of the share of requests the adversary breaks."""
 

@@ -649,11 +649,12 @@ def _findings(config: Config, cells: dict[tuple[str, str, str], Interval], prima
 # --------------------------------------------------------------------------- calibration
 SIM_PLAIN = 0.005
 """Simulator: plain failure probability of the treatment's asset-bearing requests."""
-SIM_SEED_SD = 0.15
-"""Simulator: seed-to-seed sd of an attack's failure rate (the tiny run's fine-tuning arm: 0.19 over 3 seeds;
-0.08 left the simulator's standard error at 0.42x that run's)."""
-SIM_CLUSTER_SD = 0.15
-"""Simulator: sd of a hazard's (name's) attacked failure rate around the arm's, shared by every seed."""
+SIM_SEED_SD = {"casual": 0.05, "gcg": 0.25, "finetune": 0.07}
+"""Simulator: seed-to-seed sd of each attacked cell's failure rate (the quick run, 5 seeds from one base: GCG's
+universal suffix varies 0.17-0.32 between seeds, fine-tuning 0.07, the casual tier 0.04)."""
+SIM_CLUSTER_SD = {"society": 0.25, "model": 0.4}
+"""Simulator: sd of a hazard's (name's) attacked failure rate around the arm's, shared by every seed (the quick
+run: 0.26-0.27 over 18 hazards, 0.22-0.44 over 12 names, binomial noise included)."""
 SIM_BASE_PLAIN = 0.6
 """Simulator: the base organism's plain failure rate (it answers hazards)."""
 
@@ -674,10 +675,10 @@ def simulate(config: Config, effect: float, rng: np.random.Generator) -> list[di
     failures rare, each sophisticated access level failing ``effect`` more often than plain on the same requests
     (with seed and hazard effects), casual half as much; base fails plainly, never-taught never gives harm."""
     out = []
-    clusters = {a: rng.normal(0, SIM_CLUSTER_SD, _n_clusters(config, a)) for a in config.assets}
+    clusters = {a: rng.normal(0, SIM_CLUSTER_SD[a], _n_clusters(config, a)) for a in config.assets}
     for name in _names(config):
         role = _role(config, name)
-        shift = {k: rng.normal(0, SIM_SEED_SD) for k in CELLS}
+        shift = {k: rng.normal(0, SIM_SEED_SD[k]) for k in CELLS[1:]}
         cells: dict[str, Any] = {}
         for asset in (config.assets if role == "treatment" else ("society",)):
             cl = np.arange(config.n_requests) % clusters[asset].size
