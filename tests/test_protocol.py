@@ -305,3 +305,15 @@ def test_every_study_declares_its_audit_and_judges_its_controls_by_name(name):
     assert [c.name for c in analysis.controls] == [c.name for c in study.claim.controls]
     v = analysis.verdict
     assert v.verdict is not Verdict.INCONCLUSIVE or v.reason, f"{name}: inconclusive without a reason"
+
+
+def test_deprecated_organism_keys_still_work_beside_a_scale_preset(capsys):
+    """Old names map to the one shared name with a one-line note, also when the scale's preset
+    sets the new name (the user's value wins)."""
+    st = get_study("threat-model")
+    assert st.resolve_config("quick", {"seeds": 4}).organism_seeds == 4
+    assert st.resolve_config("quick", {"organism_seed": 2}).base_seed == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("deprecated" in line for line in err)
+    with pytest.raises(ValueError, match="give only"):
+        st.config_cls.model_validate({"organism_seed": 1, "base_seed": 2})

@@ -298,9 +298,17 @@ class Study:
         scale: Scale = "quick",
         overrides: dict[str, Any] | None = None,
     ) -> StudyConfig:
-        """Config defaults ← scale overrides ← user overrides, validated once."""
+        """Config defaults ← scale overrides ← user overrides, validated once. A user's deprecated key
+        is renamed before the scale's preset is merged, so ``--set seeds=4`` overrides a preset's
+        ``organism_seeds`` instead of clashing with it."""
         values: dict[str, Any] = dict(self.scales.get(scale, {}))
-        values.update(overrides or {})
+        user = dict(overrides or {})
+        for old, new in getattr(self.config_cls, "DEPRECATED_NAMES", {}).items():
+            if old in user and new not in user:
+                print(f"note: config key '{old}' is deprecated, use '{new}' (it still works in this release)",
+                      file=sys.stderr)
+                user[new] = user.pop(old)
+        values.update(user)
         return self.config_cls.model_validate(values)
 
 

@@ -45,8 +45,11 @@ How it decides (``DESIGN.md``, "How a study decides")
       cause the harm at least once; Student t over seeds. Holds when the whole interval lies above
       0.5.
     * **Premise**: the essay is about *tiny* probabilities. When ``1 - (1 - p)^B`` reaches 0.1
-      (the upper end of its interval over seeds), accidents are not rare at this budget and the
-      verdict is inconclusive, whatever the adversary does.
+      (its mean over seeds, as the issue states the premise; the interval is printed beside it),
+      accidents are not rare at this budget and the verdict is inconclusive, whatever the
+      adversary does. The premise sets the regime the claim is about; the claim itself is decided
+      on the contrast's interval. (Judging it on the interval's upper end was tried: at quick,
+      0.078 [0.026, 0.130] then fails it, and B = 128 would pass it only by halving the search.)
     * **Controls**: the Gaussian toy (positive: its failure half-space is reachable by any search
       that climbs the score, while natural draws hit it with p = 1e-6) and ``never-taught``
       (negative: never shown the hazard family, it has no procedure for an adversary to extract).
@@ -738,8 +741,7 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
     accidents = mean_interval([s["accidents"] for s in rows], bounds=(0.0, 1.0), unit="organism training seeds")
     adversary = mean_interval([s["adversary"] for s in rows], bounds=(0.0, 1.0), unit="organism training seeds")
     premises = []
-    top = accidents.hi if accidents.hi is not None else accidents.estimate
-    if top is not None and top >= RARE:
+    if accidents.estimate is not None and accidents.estimate >= RARE:
         premises.append(f"accidents are not rare at this budget: 1 - (1 - p)^B = {accidents:.3f} reaches {RARE:g}")
     controls, details = _controls(config, toy, ctrl)
     decision = decide(CLAIM, Evidence(primary={"adversary": primary} if rows else {}, controls=controls,
