@@ -1130,11 +1130,14 @@ def _sweep_name(run: dict[str, Any]) -> str:
 # scale) whose benign arm raises unsafe answers by an organism-specific amount (variants as fixed effects,
 # organisms as a Gamma-distributed multiplier), forbidden requests clustered by hazard (a hazard-specific
 # multiplier, the same for every organism: they all answer the same requests), and both arms paired on the
-# same organism and requests. Spreads fitted to the quick run (see the README row and --against).
-SIM_ORGANISM_SHAPE = 1.5
-"""Gamma shape of an organism's multiplier on the effect (coefficient of variation 1/sqrt(shape))."""
-SIM_HAZARD_SHAPE = 1.0
-"""Gamma shape of a hazard's multiplier (every organism shares it)."""
+# same organism and requests. The quick run's unsafe answers did not move (no spread to fit), so the relative
+# spreads are those of the effect fine-tuning did have on the same organisms and requests, the paired refusal
+# drop (quick run of 2026-12-06, 12 organisms: between-organism CV about 0.6 within a variant, between-hazard
+# CV about 0.7 after removing sampling noise), rounded towards more spread.
+SIM_ORGANISM_SHAPE = 2.0
+"""Gamma shape of an organism's multiplier on the effect (coefficient of variation 1/sqrt(shape) = 0.71)."""
+SIM_HAZARD_SHAPE = 1.6
+"""Gamma shape of a hazard's multiplier, shared by every organism (coefficient of variation 0.79)."""
 SIM_VARIANT_SPREAD = 0.5
 """Variant multipliers 1 -/+ this, spread evenly over the variants (fixed effects; mean 1)."""
 SIM_P_BASE = 0.003
