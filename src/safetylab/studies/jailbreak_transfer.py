@@ -1020,7 +1020,9 @@ STUDY = Study(
     null=null,
     extreme=extreme,
     calibration=Calibration(
-        null_effect=THRESHOLD, alternative_effect=0.5, power=0.8,
+        # 5 source seeds x 18 hazards, Bonferroni over two kinds: simulated power 0.07 at 0.2, 0.24 at 0.25, 0.55 at
+        # 0.3 and 0.97 at 0.4 (200 draws each).
+        null_effect=THRESHOLD, alternative_effect=0.4, power=0.8,
         effect="true GCG minus random-suffix success on every independently pretrained target kind",
         scale="quick", overrides={"n_benign": 20}),
     scales={
