@@ -150,9 +150,11 @@ def test_injection_more_harm_never_turns_holds_into_inconclusive():
 
 def test_calibrated_at_the_null_and_powered_at_the_alternative():
     """Issue 29: the old rule had 10-14% power at a true exit rate of 0.4. The simulator reproduces the quick
-    design's grouping (4 variants x 3 seeds from one base, 64 requests over 18 hazards, paired arms)."""
+    design's grouping (4 variants from one base, 64 requests over 18 hazards, paired arms) with spreads fitted
+    to the quick run; the powered design has 5 seeds per variant (quick's 3 have power about 0.6)."""
     from safetylab.calibrate import calibrate
 
+    assert STUDY.calibration.overrides == {"organism_seeds": 5}
     out = calibrate(STUDY, n=120, seed=3)
     assert out["null"]["effect"] == UNSAFE_THRESHOLD and out["alternative"]["effect"] == ALTERNATIVE
     assert out["null"]["holds_rate"] <= 0.05

@@ -1132,13 +1132,13 @@ def _sweep_name(run: dict[str, Any]) -> str:
 # multiplier, the same for every organism: they all answer the same requests), and both arms paired on the
 # same organism and requests. The quick run's unsafe answers did not move (no spread to fit), so the relative
 # spreads are those of the effect fine-tuning did have on the same organisms and requests, the paired refusal
-# drop (quick run of 2026-12-06, 12 organisms: between-organism CV about 0.6 within a variant, between-hazard
-# CV about 0.7 after removing sampling noise), rounded towards more spread.
-SIM_ORGANISM_SHAPE = 2.0
-"""Gamma shape of an organism's multiplier on the effect (coefficient of variation 1/sqrt(shape) = 0.71)."""
+# drop (quick run of 2026-12-06, 12 organisms: between-organism CV about 0.8 within a variant, between-hazard
+# CV about 0.77 after removing sampling noise; variant means from 0.005 to 0.43).
+SIM_ORGANISM_SHAPE = 1.5
+"""Gamma shape of an organism's multiplier on the effect (coefficient of variation 1/sqrt(shape) = 0.82)."""
 SIM_HAZARD_SHAPE = 1.6
 """Gamma shape of a hazard's multiplier, shared by every organism (coefficient of variation 0.79)."""
-SIM_VARIANT_SPREAD = 0.5
+SIM_VARIANT_SPREAD = 0.9
 """Variant multipliers 1 -/+ this, spread evenly over the variants (fixed effects; mean 1)."""
 SIM_P_BASE = 0.003
 """Unsafe share before fine-tuning and after the own safety mix (both arms' floor)."""
@@ -1239,7 +1239,9 @@ STUDY = Study(
     calibration=Calibration(
         null_effect=UNSAFE_THRESHOLD, alternative_effect=ALTERNATIVE, power=0.8,
         effect="rise in the share of unsafe answers, benign fine-tune minus own-safety-mix fine-tune (paired)",
-        scale="quick"),
+        # Powered design: 5 seeds per variant (the paper default). With spreads fitted to the quick run, quick's
+        # 3 seeds have power 0.61 [0.56, 0.66] at +0.158 (400 draws): a quick 'inconclusive' is low power.
+        scale="quick", overrides={"organism_seeds": 5}),
     # Quick: 3 seeds per variant from one base, 30 steps of batch 8 in both arms; geometry and the attack on
     # seed 0 of each variant; the learning-rate sweep, existing families and mitigations on sft seed 0 only.
     scales={"quick": {"organism_scale": "quick", "organism_seeds": 3, "shared_base": True, "steps": 30,
