@@ -89,8 +89,10 @@ def calibrate(study: Study, n: int = 400, *, seed: int = 0, progress: Any = None
 def compare_spread(study: Study, run_dir: Any, n: int = 100, *, seed: int = 0) -> dict[str, Any]:
     """The simulator's between-unit spread against a real run's, on the primary estimate.
 
-    Simulates ``n`` runs at the null with the run's own config (same seeds, requests, arms) and
-    compares the median standard error of the primary estimate with the real run's.
+    Simulates ``n`` runs with the run's own config (same seeds, requests, arms) at the run's own
+    estimate of the effect (the null when it has none: a run far from the threshold has the spread
+    of its own effect, e.g. a binomial floor near 0, not the null's) and compares the median
+    standard error of the primary estimate with the real run's.
 
     Returns:
         JSON-ready dict: ``real_se``, ``sim_se`` (median) with its 10-90% range, ``ratio``
@@ -113,14 +115,15 @@ def compare_spread(study: Study, run_dir: Any, n: int = 100, *, seed: int = 0) -
     if not records:
         raise UserError(f"--against {run_dir}: no finished unit to compare with; finish the run first")
     real = study.analyze(config, records).verdict
+    effect = real.estimate if real.estimate is not None else study.calibration.null_effect
     sims = []
     with threadpool_limits(limits=1):
         for i in range(n):
             rng = np.random.default_rng([seed, 2, i])
-            v = study.analyze(config, study.simulate(config, study.calibration.null_effect, rng)).verdict
+            v = study.analyze(config, study.simulate(config, effect, rng)).verdict
             if v.se is not None:
                 sims.append(v.se)
-    out: dict[str, Any] = {"study": study.name, "run_dir": str(run_dir), "n": n, "real_se": real.se,
+    out: dict[str, Any] = {"study": study.name, "run_dir": str(run_dir), "n": n, "effect": effect, "real_se": real.se,
                            "real_n": real.n, "sim_se": None, "sim_se_range": None, "ratio": None, "agrees": None}
     if real.se is None or not sims or real.se <= 0:
         out["note"] = ("no standard error to compare: the real run's primary interval has none"
