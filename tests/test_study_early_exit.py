@@ -136,13 +136,14 @@ def test_two_treatments_are_decided_at_the_bonferroni_level():
     import numpy as np
 
     config = STUDY.resolve_config("quick", STUDY.calibration.overrides)
-    analysis = STUDY.analyze(config, STUDY.simulate(config, 0.6, np.random.default_rng(1)))
+    analysis = STUDY.analyze(config, STUDY.simulate(config, 0.8, np.random.default_rng(1)))
     v, m = analysis.verdict, analysis.metrics
     assert v.verdict is Verdict.HOLDS and v.confidence == pytest.approx(0.975) and v.arm in ("sft", "dpo")
     assert "Bonferroni 97.5% interval" in v.interval_method and "Holm:" not in v.interval_method
     at95 = m[f"harmful/unsafe_rise_at_essay_skip/{v.arm}"]
     assert at95["level"] == 0.95 and at95["estimate"] == pytest.approx(v.estimate)
-    assert v.ci_low < at95["lo"] and v.ci_high > at95["hi"]  # the Bonferroni interval is the wider one
+    # The Bonferroni interval is the wider one (both may be clipped at a rise of 1).
+    assert v.ci_low < at95["lo"] and v.ci_high >= at95["hi"]
     assert set(m) >= {"harmful/unsafe_rise_adjusted/sft", "harmful/unsafe_rise_adjusted/dpo"}
 
 
