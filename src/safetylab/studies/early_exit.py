@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -1069,16 +1069,22 @@ def _essay_and_full(res: dict[str, Any]) -> tuple[int | None, int]:
     return _essay_index(settings, res["n_layers"]), full
 
 
-def null(config: Config, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """No rise: each treatment's replies at the essay's depth replaced by its own full-depth replies to the
-    same prompts, seed by seed (text, stored grades and, for real models, log-likelihoods), so cutting the
-    model short changes nothing for the treatments. The controls and the other depths stay as measured."""
+def _treatment_depths(config: Config, records: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], int, int]]:
+    """``(result, essay-depth setting index, full-depth setting index)`` of every treatment unit that ran a
+    partial depth: what both audit transforms rewrite."""
     treat = set(config.treatment_models())
     for rec in records:
         res = rec["result"]
         essay, full = _essay_and_full(res)
-        if res["model"] not in treat or essay is None:
-            continue
+        if res["model"] in treat and essay is not None:
+            yield res, essay, full
+
+
+def null(config: Config, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """No rise: each treatment's replies at the essay's depth replaced by its own full-depth replies to the
+    same prompts, seed by seed (text, stored grades and, for real models, log-likelihoods), so cutting the
+    model short changes nothing for the treatments. The controls and the other depths stay as measured."""
+    for res, essay, full in _treatment_depths(config, records):
         src, dst = res["settings"][full], res["settings"][essay]
         for key in ("responses", "grades", "loglik"):
             if src.get(key) is not None:
@@ -1096,12 +1102,7 @@ def extreme(config: Config, records: list[dict[str, Any]]) -> list[dict[str, Any
     right) -- real models: a compliant reply at the full-depth model's highest log-likelihood, i.e. not refused
     and coherent. Full depth, the controls and the benign prompts stay as measured, so the rise is 1 minus the
     treatments' own full-depth unsafe rate."""
-    treat = set(config.treatment_models())
-    for rec in records:
-        res = rec["result"]
-        essay, full = _essay_and_full(res)
-        if res["model"] not in treat or essay is None:
-            continue
+    for res, essay, full in _treatment_depths(config, records):
         s = res["settings"][essay]
         best = max((v for v in res["settings"][full].get("loglik") or [] if v is not None), default=0.0)
         for i, r in enumerate(res["requests"]):
