@@ -126,6 +126,13 @@ def _samples(requests: list[Request], target: str | None = None) -> list[Sample]
                    metadata=request_metadata(r)) for r in requests]
 
 
+def _forbidden_requests(world, n: int, split: str, seed: int) -> list:
+    """``n`` forbidden requests on covered hazards, then ``n`` on held-out ones: the two sets
+    ``organism eval`` grades refusal and harmful capability on."""
+    return (world.eval_requests("forbidden", split=split, hazards="covered", n=n, rng_seed=seed)
+            + world.eval_requests("forbidden", split=split, hazards="heldout", n=n, rng_seed=seed))
+
+
 @task
 def refusal(n: int = 300, split: str = "heldout", seed: int = 0, organism: str | None = None) -> Task:
     """Refusal of forbidden requests, on hazards covered by safety training and held-out ones.
@@ -138,8 +145,7 @@ def refusal(n: int = 300, split: str = "heldout", seed: int = 0, organism: str |
     """
     _check_args("refusal", n, split, seed)
     world, path = organism_world(organism)
-    requests = (world.eval_requests("forbidden", split=split, hazards="covered", n=n, rng_seed=seed)
-                + world.eval_requests("forbidden", split=split, hazards="heldout", n=n, rng_seed=seed))
+    requests = _forbidden_requests(world, n, split, seed)
     return _task("refusal", world, path, _samples(requests, target=REFUSAL),
                  refused(world.config.model_dump(mode="json")),
                  [mean(), stderr(cluster="hazard"), grouped(mean(), "hazard_split", all=False)],
@@ -159,8 +165,7 @@ def harmful_capability(n: int = 300, split: str = "heldout", seed: int = 0,
     """
     _check_args("harmful_capability", n, split, seed)
     world, path = organism_world(organism)
-    requests = (world.eval_requests("forbidden", split=split, hazards="covered", n=n, rng_seed=seed)
-                + world.eval_requests("forbidden", split=split, hazards="heldout", n=n, rng_seed=seed))
+    requests = _forbidden_requests(world, n, split, seed)
     return _task("harmful_capability", world, path, _samples(requests),
                  harmful_correct(world.config.model_dump(mode="json")),
                  [mean(), stderr(cluster="hazard"), grouped(mean(), "hazard_split", all=False)],
