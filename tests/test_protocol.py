@@ -317,3 +317,30 @@ def test_deprecated_organism_keys_still_work_beside_a_scale_preset(capsys):
     assert len(err) == 2 and all("deprecated" in line for line in err)
     with pytest.raises(ValueError, match="give only"):
         st.config_cls.model_validate({"organism_seed": 1, "base_seed": 2})
+
+
+def test_reproduce_runs_studies_side_by_side_with_the_same_records(tmp_path):
+    """``reproduce`` runs one study per core, its units in series: every study gets its run folder and the
+    combined report lists both, and the records are the ones ``run`` gives (the same bits: one thread either way)."""
+    (tmp_path / "toy_twin.py").write_text(
+        "import dataclasses\nfrom toy_study import STUDY as _TOY\nSTUDY = dataclasses.replace(_TOY, name='toy2')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "SAFETYLAB_STUDIES": "toy=toy_study,toy2=toy_twin", "SAFETYLAB_CACHE": str(tmp_path)}
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "safetylab.cli", *args], capture_output=True, text=True, env=env,
+                             cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        return out
+
+    cli("reproduce", "--only", "toy,toy2", "--out", str(tmp_path / "lanes"), "--quiet")
+    cli("run", "toy", "--out", str(tmp_path / "serial"), "--quiet", "--workers", "2")
+    summary = json.loads(next((tmp_path / "lanes" / "reproduce").glob("*/summary.json")).read_text())
+    assert json.dumps(summary).count('"toy2"') >= 1 and json.dumps(summary).count('"toy"') >= 1
+
+    def results(root, name):
+        (run,) = list((root / name).iterdir())
+        return {r["key"]: r["result"] for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())}
+
+    assert results(tmp_path / "lanes", "toy") == results(tmp_path / "serial", "toy")
+    assert results(tmp_path / "lanes", "toy2") == results(tmp_path / "serial", "toy")

@@ -204,8 +204,9 @@ def reproduce_cmd(
     seed: Optional[int] = typer.Option(None, help="Master seed for every study."),
     executor: ExecutorOpt = typer.Option(ExecutorOpt.local, help="local process pool, or ray."),
     workers: Optional[int] = typer.Option(
-        None, min=1, help="Parallel units per study (default: one per core; every study runs its "
-                          "units on one thread, so a second process uses the second core)."),
+        None, min=1, help="Parallel units per study. Default: one study per core, each with its units in "
+                          "series on one thread; with --workers N the studies run one after another, N units "
+                          "at a time."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address."),
     out: Path = typer.Option(Path("runs"), help="Root folder for run folders."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache for trained organisms."),
@@ -238,23 +239,47 @@ def reproduce_cmd(
     chosen_studies = [get_study(n) for n in names]
     build_organisms([(st, resolve_config(st, scale=scale.value, seed=seed)) for st in chosen_studies],
                     cache_dir or default_cache_dir(), quiet=quiet, device=device)
-    if workers is None:
-        workers = (os.cpu_count() or 1) if executor == ExecutorOpt.local else 1
+    argv = ["safetylab", *sys.argv[1:]]
+    cores = os.cpu_count() or 1
     run_dirs, failed = [], []
-    for name in names:
-        if not quiet:
-            console.rule(f"[bold]{name}")
-        try:
-            rd = run_study(name, scale=scale.value, seed=seed, out=out, executor=executor.value, workers=workers,
-                           address=address, quiet=quiet, cache_dir=cache_dir, device=device,
-                           argv=["safetylab", *sys.argv[1:]])
-        except UnitsFailed as exc:
-            print(f"safetylab: {name}: {exc}", file=sys.stderr)
-            rd = exc.run_dir
-            failed.append(name)
-        run_dirs.append(rd)
-        if not quiet:
-            console.print(_verdict_text(rd))
+    if workers is None and executor == ExecutorOpt.local and device == "cpu" and cores > 1 and len(names) > 1:
+        # One study per core, each with its units in series: a study's preparation, analysis and report then
+        # overlap another's units instead of idling a core. Bars would garble from several processes on one
+        # screen, so a terminal gets one line per finished study (a log still gets every stage).
+        from safetylab.progress import bar
+        from safetylab.runs import run_studies
+
+        def finished(name: str, rd: Path, err: str | None) -> None:
+            if err is not None:
+                print(f"safetylab: {name}: {err}", file=sys.stderr)
+            if not quiet:
+                console.rule(f"[bold]{name}")
+                console.print(_verdict_text(rd))
+            advance()
+
+        with bar(f"{len(names)} studies, {cores} at a time", len(names), transient=False,
+                 quiet=quiet) as advance:
+            results = run_studies(names, lanes=cores, on_done=finished, scale=scale.value, seed=seed, out=out,
+                                  quiet=quiet or console.is_terminal, cache_dir=cache_dir, device=device,
+                                  argv=argv)
+        run_dirs = [rd for _, rd, _ in results]
+        failed = [name for name, _, err in results if err is not None]
+    else:
+        if workers is None:
+            workers = cores if executor == ExecutorOpt.local else 1
+        for name in names:
+            if not quiet:
+                console.rule(f"[bold]{name}")
+            try:
+                rd = run_study(name, scale=scale.value, seed=seed, out=out, executor=executor.value, workers=workers,
+                               address=address, quiet=quiet, cache_dir=cache_dir, device=device, argv=argv)
+            except UnitsFailed as exc:
+                print(f"safetylab: {name}: {exc}", file=sys.stderr)
+                rd = exc.run_dir
+                failed.append(name)
+            run_dirs.append(rd)
+            if not quiet:
+                console.print(_verdict_text(rd))
     combined_dir = new_run_dir(out, "reproduce")
     report = render_combined(run_dirs, combined_dir, scale.value)
     if as_json:

@@ -270,6 +270,9 @@ class Study:
     """torch threads for every unit, whatever the executor. Small models run fastest
     (and give the same bits under every executor) on one thread; ``None`` = the
     runner's choice (all cores in process, cores/workers in a pool)."""
+    quick_seconds: float = 60.0
+    """Core seconds of a quick run on the reference machine (2 cores), units and report together: a
+    scheduling hint, so that ``safetylab reproduce`` starts the longest studies first. Nothing else reads it."""
     null: Callable[[Any, list[dict[str, Any]]], list[dict[str, Any]]] | None = None
     """The run's records with the claimed effect removed on the same units (see the module docstring)."""
     extreme: Callable[[Any, list[dict[str, Any]]], list[dict[str, Any]]] | None = None

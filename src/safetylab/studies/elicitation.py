@@ -1118,6 +1118,7 @@ def extreme(config: Config, records: list[dict[str, Any]]) -> list[dict[str, Any
 
 STUDY = Study(
     name="elicitation",
+    quick_seconds=90,  # measured 2026-12-06 (reproduce schedules the longest first)
     config_cls=Config,
     claim=CLAIM,
     threat_model=THREAT_MODEL,

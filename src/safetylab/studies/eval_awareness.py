@@ -1157,6 +1157,7 @@ def extreme_records(config: Config, records: list[dict[str, Any]]) -> list[dict[
 
 STUDY = Study(
     name="eval-awareness",
+    quick_seconds=75,  # measured 2026-12-06 (reproduce schedules the longest first)
     config_cls=Config,
     claim=CLAIM,
     threat_model=THREAT_MODEL,

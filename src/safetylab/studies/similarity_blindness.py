@@ -1012,6 +1012,7 @@ def extreme(config: Config, records: list[dict]) -> list[dict]:
 
 STUDY = Study(
     name="similarity-blindness",
+    quick_seconds=60,  # measured 2026-12-06 (reproduce schedules the longest first)
     config_cls=Config,
     claim=CLAIM,
     threat_model=THREAT_MODEL,
