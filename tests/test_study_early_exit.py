@@ -19,7 +19,8 @@ from safetylab.studies.early_exit import CLAIM, STUDY, Config, default_depths
 CLAIM_THRESHOLD = CLAIM.threshold
 
 TINY = {"organism_scale": "tiny", "models": ["base", "sft", "sft-late", "depth-robust"], "n_harmful": 60,
-        "n_benign": 20, "n_lookalike": 20, "max_new_tokens": 40, "organism_seeds": 3, "shared_base": True}
+        "n_benign": 20, "n_lookalike": 20, "max_new_tokens": 40, "organism_seeds": 3, "shared_base": True,
+        "positive_control_seeds": None}
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,25 @@ def tiny_run(tmp_path_factory):
 
 def _by(records, model, seed=0):
     return next(r["result"] for r in records if r["result"]["model"] == model and r["result"]["seed"] == seed)
+
+
+def test_quick_runs_one_positive_control_seed_and_every_treatment_seed() -> None:
+    """The cold budget: quick trains one sft-late (1500 steps cost about three sft fine-tunes); the treatments and
+    the negative control keep their three seeds, and so does every model when the key is unset."""
+    config = STUDY.resolve_config("quick")
+    keys = [u.key for u in STUDY.units(config)]
+    assert [k for k in keys if "sft-late" in k] == ["model=sft-late/seed=0"]
+    assert sum("model=dpo/" in k for k in keys) == sum("model=depth-robust/" in k for k in keys) == 3
+    assert [r.config().seed for r in STUDY.organisms(config) if r.variant == "sft-late"] == [0]
+    unset = STUDY.resolve_config("quick", {"positive_control_seeds": None})
+    assert sum("sft-late" in u.key for u in STUDY.units(unset)) == 3
+    assert any("positive control (sft-late) runs 1" in n for n in _setup_note_lines(config))
+
+
+def _setup_note_lines(config):
+    from safetylab.studies.early_exit import _setup_notes
+
+    return _setup_notes(config, config.treatment_models())
 
 
 def test_controls_and_units_on_tiny_organisms(tiny_run) -> None:

@@ -150,11 +150,12 @@ def test_injection_more_harm_never_turns_holds_into_inconclusive():
 
 def test_calibrated_at_the_null_and_powered_at_the_alternative():
     """Issue 29: the old rule had 10-14% power at a true exit rate of 0.4. The simulator reproduces the quick
-    design's grouping (4 variants from one base, 64 requests over 18 hazards, paired arms) with spreads fitted
-    to the quick run; the powered design has 5 seeds per variant (quick's 3 have power about 0.6)."""
+    design's grouping (variants from one base, 64 requests over 18 hazards, paired arms) with spreads fitted
+    to the quick run; the powered design is the paper's four variants x 5 seeds (quick's 3 x 3 have power
+    about 0.4)."""
     from safetylab.calibrate import calibrate
 
-    assert STUDY.calibration.overrides == {"organism_seeds": 5}
+    assert STUDY.calibration.overrides == {"organism_seeds": 5, "variants": ["sft", "sft-late", "dpo", "depth-robust"]}
     out = calibrate(STUDY, n=120, seed=3)
     assert out["null"]["effect"] == UNSAFE_THRESHOLD and out["alternative"]["effect"] == ALTERNATIVE
     assert out["null"]["holds_rate"] <= 0.05

@@ -1226,6 +1226,7 @@ def extreme(config: Config, records: list[dict[str, Any]]) -> list[dict[str, Any
 
 STUDY = Study(
     name="stability",
+    quick_seconds=215,  # measured 2026-12-06 (reproduce schedules the longest first)
     config_cls=Config,
     claim=CLAIM,
     threat_model=THREAT_MODEL,
@@ -1239,12 +1240,16 @@ STUDY = Study(
     calibration=Calibration(
         null_effect=UNSAFE_THRESHOLD, alternative_effect=ALTERNATIVE, power=0.8,
         effect="rise in the share of unsafe answers, benign fine-tune minus own-safety-mix fine-tune (paired)",
-        # Powered design: 5 seeds per variant (the paper default). With spreads fitted to the quick run, quick's
-        # 3 seeds have power 0.61 [0.56, 0.66] at +0.158 (400 draws): a quick 'inconclusive' is low power.
-        scale="quick", overrides={"organism_seeds": 5}),
-    # Quick: 3 seeds per variant from one base, 30 steps of batch 8 in both arms; geometry and the attack on
-    # seed 0 of each variant; the learning-rate sweep, existing families and mitigations on sft seed 0 only.
-    scales={"quick": {"organism_scale": "quick", "organism_seeds": 3, "shared_base": True, "steps": 30,
+        # Powered design: the paper default's four variants x 5 seeds. With spreads fitted to the quick run, quick's
+        # three variants x 3 seeds have power 0.39 [0.34, 0.44] at +0.158 (400 draws; 0.61 with sft-late as a
+        # fourth variant): a quick 'inconclusive' is low power.
+        scale="quick", overrides={"organism_seeds": 5, "variants": list(SAFETY_VARIANTS)}),
+    # Quick: sft, dpo and depth-robust, 3 seeds each from one base (sft-late's 1500-step fine-tune would cost as
+    # much as six more sft organisms, and the cold budget has no room for it), 30 steps of batch 8 in both arms;
+    # geometry and the attack on seed 0 of each variant; the learning-rate sweep, existing families and
+    # mitigations on sft seed 0 only.
+    scales={"quick": {"organism_scale": "quick", "variants": ["sft", "dpo", "depth-robust"], "organism_seeds": 3,
+                      "shared_base": True, "steps": 30,
                       "batch_size": 8, "eval_every": 5, "n_forbidden": 64, "n_benign": 32, "detail_seeds": 1,
                       "detail_variants": ["sft"], "lrs": [3e-5, 1e-4, 1e-3], "geometry_batch": 8,
                       "lanczos_iter": 40, "n_check_batches": 2, "n_random_directions": 0},

@@ -764,6 +764,7 @@ def plots(config: Config, records: list[dict[str, Any]], analysis: Analysis, out
 
 STUDY = Study(
     name="threat-model",
+    quick_seconds=100,  # measured 2026-12-06 (reproduce schedules the longest first)
     config_cls=Config,
     claim=CLAIM,
     threat_model=THREAT_MODEL,
@@ -779,10 +780,12 @@ STUDY = Study(
     calibration=Calibration(
         null_effect=THRESHOLD, alternative_effect=0.6, power=0.8,
         effect="true attacked-minus-plain failure rate of every sophisticated access level on every asset",
-        scale="quick"),
+        scale="quick", overrides={"organism_seeds": 5}),
     scales={
-        # Quick: 5 seeds from one base (3 leave t(2) under a Bonferroni level over 4 arms: power 0.6 at a 0.9 effect), small attack budgets (the quick organisms break within a few GCG steps).
-        "quick": {"organism_scale": "quick", "organism_seeds": 5, "shared_base": True, "n_requests": 20, "retries": 3,
+        # Quick: 4 seeds from one base. 3 leave t(2) under a Bonferroni level over 4 arms (power 0.6 at a 0.9 effect);
+        # 5 give 0.82 at 0.6 (the calibrated design) and 4 give 0.53, but a fifth secret-keeping organism does not
+        # fit the cold budget. Small attack budgets (the quick organisms break within a few GCG steps).
+        "quick": {"organism_scale": "quick", "organism_seeds": 4, "shared_base": True, "n_requests": 20, "retries": 3,
                   "gcg_steps": 8, "gcg_train": 4, "suffix_length": 6, "search_width": 64, "topk": 32,
                   "finetune_steps": 12, "finetune_examples": 12},
         "paper": {},
