@@ -333,9 +333,10 @@ def test_reproduce_runs_studies_side_by_side_with_the_same_records(tmp_path):
         assert out.returncode == 0, out.stderr
         return out
 
-    cli("reproduce", "--only", "toy,toy2", "--out", str(tmp_path / "lanes"), "--quiet")
+    printed = cli("reproduce", "--only", "toy,toy2", "--out", str(tmp_path / "lanes"), "--json").stdout
     cli("run", "toy", "--out", str(tmp_path / "serial"), "--quiet", "--workers", "2")
     summary = json.loads(next((tmp_path / "lanes" / "reproduce").glob("*/summary.json")).read_text())
+    assert json.loads(printed) == summary  # --json: stdout is the combined summary and nothing else
     assert json.dumps(summary).count('"toy2"') >= 1 and json.dumps(summary).count('"toy"') >= 1
 
     def results(root, name):

@@ -240,6 +240,7 @@ def reproduce_cmd(
     build_organisms([(st, resolve_config(st, scale=scale.value, seed=seed)) for st in chosen_studies],
                     cache_dir or default_cache_dir(), quiet=quiet, device=device)
     argv = ["safetylab", *sys.argv[1:]]
+    human = not quiet and not as_json  # --json keeps stdout for the summary alone
     cores = os.cpu_count() or 1
     run_dirs, failed = [], []
     if workers is None and executor == ExecutorOpt.local and device == "cpu" and cores > 1 and len(names) > 1:
@@ -252,7 +253,7 @@ def reproduce_cmd(
         def finished(name: str, rd: Path, err: str | None) -> None:
             if err is not None:
                 print(f"safetylab: {name}: {err}", file=sys.stderr)
-            if not quiet:
+            if human:
                 console.rule(f"[bold]{name}")
                 console.print(_verdict_text(rd))
             advance()
@@ -268,7 +269,7 @@ def reproduce_cmd(
         if workers is None:
             workers = cores if executor == ExecutorOpt.local else 1
         for name in names:
-            if not quiet:
+            if human:
                 console.rule(f"[bold]{name}")
             try:
                 rd = run_study(name, scale=scale.value, seed=seed, out=out, executor=executor.value, workers=workers,
@@ -278,7 +279,7 @@ def reproduce_cmd(
                 rd = exc.run_dir
                 failed.append(name)
             run_dirs.append(rd)
-            if not quiet:
+            if human:
                 console.print(_verdict_text(rd))
     combined_dir = new_run_dir(out, "reproduce")
     report = render_combined(run_dirs, combined_dir, scale.value)
