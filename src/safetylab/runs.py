@@ -39,7 +39,7 @@ from safetylab.executors import make_executor
 from safetylab.progress import bar
 from safetylab.report import render_run
 from safetylab.results import CONFIG_FILE, ENV_FILE, RESULTS_FILE, ResultsLog, load_run, write_atomic
-from safetylab.study import Context, Study, StudyConfig, Unit, default_cache_dir
+from safetylab.study import Context, Study, StudyConfig, Unit, default_cache_dir, torch_threads
 
 _PACKAGES = (
     "safetylab", "torch", "transformers", "tokenizers", "numpy", "scipy", "scikit-learn",
@@ -361,20 +361,12 @@ def run_study(
     return run_dir
 
 
-def _lane_init() -> None:
-    """A lane of :func:`run_studies`: one thread for torch and for the BLAS pools numpy and scikit-learn use,
-    as a unit gets in a pool worker (so the bits are the same)."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(1)
-    threadpool_limits(limits=1)
-
-
 def _run_in_lane(name: str, kwargs: dict[str, Any]) -> tuple[str, str | None]:
-    """One study, its units in series in this process: (run folder, None) or (run folder, why units failed)."""
+    """One study, its units in series in this process on one thread, as a unit gets in a pool worker (so the
+    bits are the same): (run folder, None) or (run folder, why units failed)."""
     try:
-        return str(run_study(name, workers=1, **kwargs)), None
+        with torch_threads(1):
+            return str(run_study(name, workers=1, **kwargs)), None
     except UnitsFailed as exc:  # its run folder is kept; the exception does not pickle (two arguments)
         return str(exc.run_dir), str(exc)
 
@@ -404,8 +396,7 @@ def run_studies(
 
     order = sorted(names, key=lambda n: get_study(n).quick_seconds, reverse=True)
     done: dict[str, tuple[Path, str | None]] = {}
-    with cf.ProcessPoolExecutor(max_workers=max(1, lanes), mp_context=mp.get_context("spawn"),
-                                initializer=_lane_init) as pool:
+    with cf.ProcessPoolExecutor(max_workers=max(1, lanes), mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(_run_in_lane, n, kwargs): n for n in order}
         try:
             for fut in cf.as_completed(futures):
