@@ -368,3 +368,66 @@ def test_default_cache_dir_follows_safetylab_cache(tmp_path, monkeypatch):
     assert p.parent == tmp_path / "organisms"
     shutil.rmtree(tmp_path / "organisms")
     assert not os.path.exists(p)
+
+
+@pytest.mark.parametrize("variant", ["base", "sft-late", "dpo"])
+def test_a_stopped_build_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch, variant):
+    """A paper-scale base trains for hours: a crash must cost minutes, not the run. A build
+    stopped mid-way leaves a checkpoint; the next build resumes from it and ends with the
+    weights and log of an uninterrupted build, bit for bit, and leaves no checkpoint behind."""
+    from safetylab.organisms import cache, train
+    from safetylab.organisms.cache import build
+    from safetylab.organisms.train import organism_config
+
+    overrides = {**MICRO, "base_train": {"steps": 40, "batch_size": 4},
+                 "variant_train": {"steps": 40, "batch_size": 4}}
+    config = organism_config(variant, "tiny", overrides=overrides)
+    clean = build(config, tmp_path / "clean")
+
+    monkeypatch.setattr(train, "CHECKPOINT_EVERY_S", 0.0)  # a checkpoint at every pool of 8 batches
+    real = cache.train_organism
+    seen: list[int] = []
+
+    def crash_at_step_21(cfg, **kwargs):
+        def progress(n):
+            if cfg.variant == variant:  # its base, trained first, runs through
+                seen.append(n)
+                if sum(seen) > 20:
+                    raise KeyboardInterrupt
+        return real(cfg, **{**kwargs, "progress": progress})
+
+    monkeypatch.setattr(cache, "train_organism", crash_at_step_21)
+    with pytest.raises(KeyboardInterrupt):
+        build(config, tmp_path / "resumed")
+    h = config_hash(config)
+    partial = tmp_path / "resumed" / f".partial-{h}"
+    assert json.loads((partial / "state.json").read_text())["step"] == 16
+    assert not (tmp_path / "resumed" / h).exists()
+
+    monkeypatch.setattr(cache, "train_organism", real)
+    seen.clear()
+    resumed = build(config, tmp_path / "resumed")
+    assert not partial.exists() and check_entry(resumed, h) is None
+    a = AutoModelForCausalLM.from_pretrained(clean).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def log(folder):
+        return [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+                for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+    assert log(clean) == log(resumed)
+
+
+def test_a_checkpoint_of_another_config_is_never_resumed(tmp_path):
+    from safetylab.organisms.train import organism_config, train_organism
+
+    overrides = {**MICRO, "base_train": {"steps": 16, "batch_size": 4}}
+    one = organism_config("base", "tiny", overrides=overrides)
+    other = organism_config("base", "tiny", seed=1, overrides=overrides)
+    train_organism(one, checkpoint=tmp_path / "ckpt", checkpoint_every_s=0.0)
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 8
+    fresh = train_organism(other, checkpoint=tmp_path / "none")
+    reused = train_organism(other, checkpoint=tmp_path / "ckpt")  # seed 0's checkpoint: ignored
+    sa, sb = fresh.model.state_dict(), reused.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

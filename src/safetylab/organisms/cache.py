@@ -5,6 +5,9 @@ An entry ``<cache_dir>/<hash>/`` holds the Hugging Face model and tokenizer file
 weights checksum) and ``train_log.jsonl``. Entries are written atomically: training
 writes into a temporary sibling folder that is renamed into place only when complete,
 under a per-entry file lock so that concurrent processes train an organism once.
+While it trains, a checkpoint in ``<cache_dir>/.partial-<hash>/`` (replaced every few
+minutes, removed once the entry is in place) lets a stopped build resume where it was, to
+the same weights bit for bit.
 An entry that is incomplete, unreadable, or whose recorded hash or weights checksum
 does not match is treated as absent and rebuilt -- never loaded.
 """
@@ -135,8 +138,10 @@ def build(
         from safetylab.study import torch_threads
 
         steps = (config.base_train if config.variant in FROM_SCRATCH else config.variant_train).steps
+        partial = cache_dir / f".partial-{h}"  # resumed from if a crash stopped it
         with torch_threads(num_threads), bar(f"training {config.variant}", steps, quiet=quiet) as adv:
-            result = train_organism(config, base_path=base_path, progress=adv, device=device)
+            result = train_organism(config, base_path=base_path, progress=adv, device=device,
+                                    checkpoint=partial)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{h}-", dir=cache_dir))
         try:
             meta = {
@@ -166,6 +171,8 @@ def build(
             if target.exists():  # corrupt or partial entry: replace, never load
                 shutil.rmtree(target)
             os.replace(tmp, target)
+            for leftover in (partial, partial.with_name(partial.name + ".old")):
+                shutil.rmtree(leftover, ignore_errors=True)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

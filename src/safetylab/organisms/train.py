@@ -60,6 +60,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,9 @@ fine-tuned from a base (``variant_train``)."""
 SCALES: tuple[str, ...] = ("tiny", "quick", "paper")
 ORGANISM_VERSION = 1
 """Bumped when the world, training or the folder layout changes (part of the cache key)."""
+CHECKPOINT_EVERY_S = 300.0
+"""Seconds of training between checkpoints when :func:`train_organism` is given a checkpoint
+folder (a paper-scale base trains for hours on one CPU core; a crash costs at most this)."""
 
 
 class ModelConfig(BaseModel):
@@ -627,6 +632,8 @@ def train_organism(
     device: str = "cpu",
     callback: Callable[[int, Any, Any], None] | None = None,
     callback_every: int = 0,
+    checkpoint: Path | None = None,
+    checkpoint_every_s: float | None = None,
 ) -> TrainResult:
     """Train one organism stage in memory.
 
@@ -639,6 +646,15 @@ def train_organism(
         callback: ``callback(step, model, tok)`` every ``callback_every`` steps (e.g. to
             evaluate during development); the model is put back in train mode after.
         callback_every: 0 disables the callback.
+        checkpoint: a folder for resumable training. A checkpoint of this config found there
+            is resumed from (weights, optimiser moments, data-sampler and torch RNG state,
+            log), and training continues exactly as if it had never stopped: the result is
+            bit-identical to an uninterrupted run on the same device and threads. A new
+            checkpoint replaces it about every ``checkpoint_every_s`` seconds, taken where a
+            pool of batches is used up so that no drawn data is lost. The caller removes the
+            folder once the organism is saved.
+        checkpoint_every_s: seconds of training between checkpoints (None:
+            :data:`CHECKPOINT_EVERY_S`).
 
     Returns:
         The trained model, its tokenizer, the log, wall seconds and tokens processed.
@@ -691,13 +707,30 @@ def train_organism(
     exits = exit_layers(config.model.n_layers) if variant == "depth-robust" else []
     model.train()
     log: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
     tokens = 0
     window: list[float] = []
+    start, before = 0, 0.0
+    identity = json.dumps({"version": ORGANISM_VERSION, **config.stage_dict()}, sort_keys=True)
+    if checkpoint is not None:
+        resumed = _load_checkpoint(Path(checkpoint), identity, model, opt, rng, device)
+        if resumed is not None:
+            start, before, tokens, log, window = (resumed["step"], resumed["seconds"], resumed["tokens"],
+                                                  resumed["log"], resumed["window"])
+            if progress is not None and start:
+                progress(start)
+    every = CHECKPOINT_EVERY_S if checkpoint_every_s is None else checkpoint_every_s
+    t0 = time.perf_counter() - before
+    saved_at = time.perf_counter()
     queue: list[Any] = []
     pool_batches = 8
-    for step in range(tcfg.steps):
+    for step in range(start, tcfg.steps):
         if not queue:
+            if (checkpoint is not None and step > start
+                    and time.perf_counter() - saved_at >= every):
+                _save_checkpoint(Path(checkpoint), identity, model, opt, rng, {
+                    "step": step, "seconds": time.perf_counter() - t0, "tokens": tokens,
+                    "log": log, "window": window})
+                saved_at = time.perf_counter()
             queue = _make_batches(variant, world, rng, batcher, tcfg.batch_size, pool_batches,
                                   mixture, shares)
         batch = _to(queue.pop(), device)
@@ -744,6 +777,71 @@ def train_organism(
     model.eval()
     model.requires_grad_(True)
     return TrainResult(model=model, tok=tok, log=log, seconds=time.perf_counter() - t0, tokens=tokens)
+
+
+def _save_checkpoint(
+    folder: Path, identity: str, model: Any, opt: torch.optim.Optimizer,
+    rng: np.random.Generator, progress_state: dict[str, Any],
+) -> None:
+    """Write a resumable checkpoint into ``folder``, replacing the previous one atomically.
+
+    Safetensors only (no pickle): the weights, the optimiser's per-parameter tensors under
+    ``<index>.<name>`` and the torch RNG state; the data sampler's state, the log and the
+    config it belongs to go to ``state.json``.
+    """
+    from safetensors.torch import save_file, save_model
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    old = folder.with_name(folder.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    tensors = {f"{i}.{k}": (v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v))
+               for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+    tensors["torch_rng"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    state = {"identity": identity, "sampler": rng.bit_generator.state, **progress_state}
+    (tmp / "state.json").write_text(json.dumps(state))
+    if folder.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _load_checkpoint(
+    folder: Path, identity: str, model: Any, opt: torch.optim.Optimizer,
+    rng: np.random.Generator, device: str,
+) -> dict[str, Any] | None:
+    """Restore the checkpoint in ``folder`` (or the one a crash mid-save left as ``.old``)
+    into ``model``, ``opt`` and ``rng``; None when there is none for this config."""
+    from safetensors.torch import load_file, load_model
+
+    folder = Path(folder)
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        try:
+            state = json.loads((candidate / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if state.get("identity") != identity:
+            continue
+        load_model(model, str(candidate / "model.safetensors"), device=device)
+        tensors = load_file(str(candidate / "optimizer.safetensors"))
+        torch.set_rng_state(tensors.pop("torch_rng"))
+        sd = opt.state_dict()
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            per_param.setdefault(int(index), {})[name] = value
+        sd["state"] = per_param
+        opt.load_state_dict(sd)
+        rng.bit_generator.state = state["sampler"]
+        return state
+    return None
 
 
 def _make_batches(
