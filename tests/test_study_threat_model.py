@@ -146,3 +146,24 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, needle
                              capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_simulator_breaks_secret_names_all_or_nothing_like_the_organisms():
+    """In the quick run a fine-tune says a name on (almost) every request or on none, the same names on every seed,
+    so the model arm's spread is that of its 12 names. A simulator with per-request noise had half the real standard
+    error there (`calibrate --against`: 0.50x) and overstated power; this one must keep names whole."""
+    config, recs = _simulated(0.6, organism_seeds=5)
+    per_name: dict[str, list[float]] = {}
+    for r in recs:
+        if r["result"]["role"] != "treatment":
+            continue
+        cell = r["result"]["cells"]["model/public"]
+        for c in sorted(set(cell["cluster"])):
+            got = [f for f, cc in zip(cell["finetune"], cell["cluster"]) if cc == c]
+            per_name.setdefault(c, []).append(float(np.mean(got)))
+    rates = np.array(list(per_name.values()))  # names x seeds
+    assert ((rates <= 0.2) | (rates >= 0.7)).mean() >= 0.95  # whole names, not scattered requests
+    assert 0.3 <= rates.mean() <= 0.9
+    v = STUDY.analyze(config, recs).verdict
+    assert set(v.arm_se) == {"society/gcg", "society/finetune", "model/gcg", "model/finetune"}
+    assert v.arm_se["model/finetune"] > 1.5 * v.arm_se["society/finetune"]  # 12 coin flips against 18 hazards

@@ -92,7 +92,8 @@ def compare_spread(study: Study, run_dir: Any, n: int = 100, *, seed: int = 0) -
     Simulates ``n`` runs with the run's own config (same seeds, requests, arms) at the run's own
     estimate of the effect (the null when it has none: a run far from the threshold has the spread
     of its own effect, e.g. a binomial floor near 0, not the null's) and compares the median
-    standard error of the primary estimate with the real run's.
+    standard error of the primary estimate with the real run's. With several treatment arms it is
+    the standard error of the arm the real run was read off, in every simulated run.
 
     Returns:
         JSON-ready dict: ``real_se``, ``sim_se`` (median) with its 10-90% range, ``ratio``
@@ -116,15 +117,20 @@ def compare_spread(study: Study, run_dir: Any, n: int = 100, *, seed: int = 0) -
         raise UserError(f"--against {run_dir}: no finished unit to compare with; finish the run first")
     real = study.analyze(config, records).verdict
     effect = real.estimate if real.estimate is not None else study.calibration.null_effect
+    # With several arms, the spread of the arm the real run was read off: a simulated run may choose
+    # another (every arm gets the same effect there), and arms differ in spread (clusters, sizes).
+    arm = real.arm if real.arm in real.arm_se else None
     sims = []
     with threadpool_limits(limits=1):
         for i in range(n):
             rng = np.random.default_rng([seed, 2, i])
             v = study.analyze(config, study.simulate(config, effect, rng)).verdict
-            if v.se is not None:
-                sims.append(v.se)
-    out: dict[str, Any] = {"study": study.name, "run_dir": str(run_dir), "n": n, "effect": effect, "real_se": real.se,
-                           "real_n": real.n, "sim_se": None, "sim_se_range": None, "ratio": None, "agrees": None}
+            se = v.arm_se.get(arm) if arm is not None else v.se
+            if se is not None:
+                sims.append(se)
+    out: dict[str, Any] = {"study": study.name, "run_dir": str(run_dir), "n": n, "effect": effect, "arm": arm,
+                           "real_se": real.se, "real_n": real.n, "sim_se": None, "sim_se_range": None, "ratio": None,
+                           "agrees": None}
     if real.se is None or not sims or real.se <= 0:
         out["note"] = ("no standard error to compare: the real run's primary interval has none"
                        if real.se is None or real.se <= 0 else "the simulator's analyses give no standard error")
@@ -133,7 +139,7 @@ def compare_spread(study: Study, run_dir: Any, n: int = 100, *, seed: int = 0) -
     ratio = med / real.se
     out.update(sim_se=med, sim_se_range=[float(np.quantile(sims, 0.1)), float(np.quantile(sims, 0.9))],
                ratio=ratio, agrees=bool(1 / MAX_SPREAD_RATIO <= ratio <= MAX_SPREAD_RATIO))
-    out["note"] = (f"the simulator's spread is {ratio:.2f}x the run's" + (
+    out["note"] = (f"the simulator's spread is {ratio:.2f}x the run's" + (f" on {arm}" if arm else "") + (
         "" if out["agrees"] else f": more than {MAX_SPREAD_RATIO:g}x apart, so its calibration says little "
                                  "about this design; refit the simulator's spread to real runs"))
     return out

@@ -305,6 +305,10 @@ class VerdictRecord(BaseModel):
     """Degrees of freedom of its t interval."""
     arm: str | None = None
     """The treatment arm the verdict is read off (the strongest evidence of k, Holm-corrected)."""
+    arm_se: dict[str, float] = Field(default_factory=dict)
+    """Standard error of every treatment arm's estimate (k > 1 only): ``calibrate --against``
+    compares the simulator's spread on the arm the real run was read off, whichever arm a
+    simulated run would have chosen."""
 
     @classmethod
     def from_interval(
@@ -501,5 +505,6 @@ def decide(claim: Claim, evidence: Evidence, *, confidence: float = 0.95) -> Dec
         ci_high=chosen.hi if chosen else None, confidence=level, threshold=claim.threshold,
         direction=claim.direction, n=chosen.n if chosen else 0, interval_method=method or evidence.missing,
         unit=claim.contrast.unit if claim.contrast else "", contrast_verdict=raw, reason="; ".join(reasons),
-        se=chosen.se if chosen else None, df=chosen.df if chosen else None, arm=arm if k > 1 or arm else None)
+        se=chosen.se if chosen else None, df=chosen.df if chosen else None, arm=arm if k > 1 or arm else None,
+        arm_se={a: float(iv.se) for a, iv in arms_in.items() if k > 1 and iv.se is not None and math.isfinite(iv.se)})
     return Decision(verdict=verdict, controls=controls, arm=arm, arms=arms, p_holm=p_holm)

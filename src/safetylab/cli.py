@@ -436,8 +436,13 @@ def calibrate_cmd(
         if as_json:
             _print_json(cmp)
         else:
-            console.print(f"{study} against {against}: real standard error {cmp['real_se']}, simulated "
-                          f"{cmp['sim_se']} (10-90%: {cmp['sim_se_range']}); {cmp['note']}", highlight=False)
+            def g(x: Any) -> str:
+                return "none" if x is None else f"{x:.3g}"
+
+            rng_ = cmp["sim_se_range"]
+            console.print(f"{study} against {against}: real standard error {g(cmp['real_se'])}, simulated "
+                          f"{g(cmp['sim_se'])} (10-90%: {g(rng_[0]) if rng_ else 'none'}-"
+                          f"{g(rng_[1]) if rng_ else 'none'}); {cmp['note']}", highlight=False)
         if cmp["agrees"] is False:
             raise typer.Exit(1)
         return
