@@ -46,7 +46,7 @@ class SerialExecutor:
 
     def map_units(self, study: Study, config: StudyConfig, todo: list[tuple[int, Unit]], ctx: Context) -> Iterator[tuple[int, Record]]:
         for index, unit in todo:
-            with torch_threads(study.unit_threads), bar(f"unit {unit.key}", None, quiet=ctx.quiet):
+            with torch_threads(study.unit_threads), bar(f"{study.name} unit {unit.key}", None, quiet=ctx.quiet):
                 record = execute_unit(study, config, unit, ctx, index)
             yield index, record
 

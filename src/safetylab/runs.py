@@ -346,7 +346,7 @@ def run_study(
                     pending[index] = record
                     if record["status"] != "ok":
                         failed += 1
-                        print(f"unit {record['key']} failed: {record['error']}", file=sys.stderr)
+                        print(f"{study.name} unit {record['key']} failed: {record['error']}", file=sys.stderr)
                     # Write in unit order so results.jsonl is byte-reproducible under any pool.
                     while next_pos < len(order) and order[next_pos] in pending:
                         log.append(pending.pop(order[next_pos]))
