@@ -114,6 +114,25 @@ def test_progressive_gcg_adds_requests_once_the_suffix_works_on_the_ones_before(
         assert prog.success and prog.n_active[prog.converged_step - 1] == 4 and prog.early_stopped
 
 
+def test_selecting_by_targets_met_keeps_the_search_and_returns_the_suffix_that_meets_most():
+    """``select='targets'`` runs the same search (the same losses, step by step) and returns the step's suffix that
+    makes greedy decoding emit the most targets; the loss-selected suffix never meets more."""
+    t, world = target("sft-late")
+    reqs = world.eval_requests("forbidden", split="train", hazards="covered", n=6, rng_seed=9)
+    goals = [hazard_target(r, 1) for r in reqs]
+    common = dict(n_steps=25, suffix_length=8, search_width=32, topk=32, seed=1)
+    by_loss = gcg(t, [r.text for r in reqs], goals, GCGConfig(**common))
+    by_met = gcg(t, [r.text for r in reqs], goals, GCGConfig(**common, select="targets"))
+    assert by_met.losses == by_loss.losses  # the same trajectory
+    # Here the lowest-loss step meets 1 of 6 targets and an earlier step 3 of 6.
+    assert by_met.exact_fraction > by_loss.exact_fraction
+    assert by_met.best_loss >= by_loss.best_loss - 1e-9  # it may give up loss for targets, never the reverse
+    replies = respond(t, t.prompt_ids([r.text for r in reqs], by_met.suffix_ids))
+    assert by_met.exact_fraction == pytest.approx(sum(rep.startswith(g) for g, rep in zip(goals, replies)) / 6)
+    with pytest.raises(UserError, match="select='best'"):
+        gcg(t, [reqs[0].text], [goals[0]], GCGConfig(select="best"))
+
+
 def test_perplexity_penalty_makes_the_suffix_more_likely():
     t, _ = target()
     req = hazards(1)[0]

@@ -83,6 +83,10 @@ class GCGConfig:
     """Drop candidates whose decoded text does not re-encode to the same ids."""
     seed: int = 0
     """Seed of the candidate sampling."""
+    select: str = "loss"
+    """Which step's suffix is returned: ``loss``, the lowest objective (Zou et al., nanoGCG); ``targets``, the one
+    that makes greedy decoding emit the most targets exactly, ties to the lower objective (what an attacker keeps
+    when success, not loss, is the goal). The search itself is the same either way."""
 
     def check(self) -> None:
         """Raise :class:`UserError` (one line, naming the fix) on settings GCG cannot run."""
@@ -98,6 +102,9 @@ class GCGConfig:
             raise UserError(f"batch_size={self.batch_size}: use a positive number of candidates per pass, or None")
         if self.buffer_size < 0 or self.perplexity_weight < 0:
             raise UserError("buffer_size and perplexity_weight must be >= 0")
+        if self.select not in ("loss", "targets"):
+            raise UserError(f"select={self.select!r}: use 'loss' (the lowest objective) or 'targets' (the most "
+                            "targets emitted exactly)")
 
 
 @dataclass
@@ -105,7 +112,7 @@ class GCGResult:
     """What one GCG run found, with its trace (JSON types only)."""
 
     suffix_ids: list[int]
-    """The best suffix found (lowest objective over all steps)."""
+    """The best suffix found over all steps (lowest objective, or most targets met: ``GCGConfig.select``)."""
     suffix: str
     """Its text (decodes and re-encodes to ``suffix_ids`` when ``filter_ids`` is on)."""
     best_loss: float
@@ -255,12 +262,18 @@ def gcg(
         obj = total / n_used + (pw * nll_mean if nll_mean is not None else 0.0)
         return obj, exact, nll_mean, n_exact
 
-    def entry_of(obj: torch.Tensor, exact: torch.Tensor, nll: torch.Tensor | None, cands: torch.Tensor, i: int
-                 ) -> tuple[float, torch.Tensor, bool, float | None, int]:
-        return (float(obj[i]), cands[i].clone(), bool(exact[i]), None if nll is None else float(nll[i]), active)
+    def entry_of(obj: torch.Tensor, exact: torch.Tensor, nll: torch.Tensor | None, cands: torch.Tensor, i: int,
+                 n_met: torch.Tensor) -> tuple[float, torch.Tensor, bool, float | None, int, float]:
+        return (float(obj[i]), cands[i].clone(), bool(exact[i]), None if nll is None else float(nll[i]), active,
+                float(n_met[i]))
 
-    init_obj, init_exact, init_nll, _ = score(suffix[None])
-    buffer = [entry_of(init_obj, init_exact, init_nll, suffix[None], 0)]
+    def rank(e: tuple[float, torch.Tensor, bool, float | None, int, float]) -> tuple[float, ...]:
+        """Higher is better. Objectives over different request sets are not comparable: a suffix over more
+        requests is better, whichever the criterion."""
+        return (e[4], e[5], -e[0]) if config.select == "targets" else (e[4], -e[0])
+
+    init_obj, init_exact, init_nll, init_met = score(suffix[None])
+    buffer = [entry_of(init_obj, init_exact, init_nll, suffix[None], 0, init_met)]
     best = buffer[0]
     losses: list[float] = []
     n_active: list[int] = []
@@ -288,14 +301,13 @@ def gcg(
         if cands.shape[0] == 0:
             raise UserError(f"{first.name}: no candidate suffix survives the round-trip filter; set filter_ids=False "
                             "or start from another suffix_init")
-        obj, exact, nll, _ = score(cands, current)
+        obj, exact, nll, n_met = score(cands, current)
         scored += cands.shape[0] * len(models) * active
         i = int(obj.argmin())
-        entry = entry_of(obj, exact, nll, cands, i)
+        entry = entry_of(obj, exact, nll, cands, i, n_met)
         losses.append(entry[0])
         n_active.append(active)
-        # Objectives over different request sets are not comparable: a suffix over more requests is better.
-        if (entry[4], -entry[0]) > (best[4], -best[0]):
+        if rank(entry) > rank(best):
             best = entry
         if config.buffer_size == 0:
             buffer = [entry]
@@ -304,8 +316,8 @@ def gcg(
         while entry[2] and active < n_requests:
             # Algorithm 2: the suffix works on every request so far; the next one joins the objective.
             active += 1
-            o, ex, nl, _ = score(entry[1][None])
-            entry = entry_of(o, ex, nl, entry[1][None], 0)
+            o, ex, nl, met = score(entry[1][None])
+            entry = entry_of(o, ex, nl, entry[1][None], 0, met)
             buffer = [entry]
             best = entry
         if entry[2] and active == n_requests and converged is None:
