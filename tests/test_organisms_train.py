@@ -406,8 +406,10 @@ def test_a_stopped_build_resumes_from_its_checkpoint_to_the_same_weights(tmp_pat
 
     monkeypatch.setattr(cache, "train_organism", real)
     seen.clear()
+    (tmp_path / "resumed" / f".partial-{h}.tmp").mkdir()  # what a crash mid-save leaves
     resumed = build(config, tmp_path / "resumed")
-    assert not partial.exists() and check_entry(resumed, h) is None
+    assert check_entry(resumed, h) is None
+    assert not [p.name for p in (tmp_path / "resumed").iterdir() if p.name.startswith(".partial")]
     a = AutoModelForCausalLM.from_pretrained(clean).state_dict()
     b = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

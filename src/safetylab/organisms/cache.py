@@ -33,6 +33,7 @@ from safetylab.organisms.train import (
     VARIANTS,
     OrganismConfig,
     organism_config,
+    remove_checkpoint,
     save_organism,
     train_organism,
 )
@@ -171,8 +172,7 @@ def build(
             if target.exists():  # corrupt or partial entry: replace, never load
                 shutil.rmtree(target)
             os.replace(tmp, target)
-            for leftover in (partial, partial.with_name(partial.name + ".old")):
-                shutil.rmtree(leftover, ignore_errors=True)
+            remove_checkpoint(partial)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -813,6 +813,13 @@ def _save_checkpoint(
         shutil.rmtree(old)
 
 
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a training checkpoint with the copies a crash mid-save can leave beside it."""
+    folder = Path(folder)
+    for path in (folder, folder.with_name(folder.name + ".old"), folder.with_name(folder.name + ".tmp")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _load_checkpoint(
     folder: Path, identity: str, model: Any, opt: torch.optim.Optimizer,
     rng: np.random.Generator, device: str,
