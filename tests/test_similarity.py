@@ -199,6 +199,29 @@ def test_mutual_knn_matches_sklearn_neighbours(pair):
     assert mutual_knn_alignment(x, y, k=k) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("name", [n for n in ALL if MEASURES[n].prepare is not None])
+def test_prepared_halves_give_the_pairwise_value_bit_for_bit(name, pair):
+    x, y = pair
+    m = MEASURES[name]
+    assert {"rsa", "mutual_knn"} <= {n for n in ALL if MEASURES[n].prepare is not None}
+    assert m.combine(m.prepare(x), m.prepare(y)) == m(x, y)
+    assert m.combine(m.prepare(y), m.prepare(x)) == m(y, x)
+    with pytest.raises(ValueError, match=r"same inputs"):
+        m.combine(m.prepare(x), m.prepare(y[:-1]))
+    bad = x.copy()
+    bad[3, 0] = np.inf
+    with pytest.raises(ValueError, match=r"^x contains 1 NaN/inf value\(s\) \(first in row 3\)"):
+        m.prepare(bad)
+
+
+def test_a_dead_representation_fails_when_prepared_as_it_does_pairwise(pair):
+    x, _ = pair
+    dead = np.ones_like(x)  # every RDM entry equal: Spearman is undefined
+    for call in (lambda: rsa_spearman(x, dead), lambda: MEASURES["rsa"].prepare(dead)):
+        with pytest.raises(ValueError, match="all pairwise distances are equal"):
+            call()
+
+
 @pytest.mark.parametrize("name", ["linear_cka", "debiased_cka", "procrustes", "cca", "svcca", "pwcca"])
 def test_linear_measures_never_build_n_by_n(name):
     n, d = 20_000, 16  # an n×n float64 matrix would need 3.2 GB

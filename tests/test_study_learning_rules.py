@@ -186,6 +186,27 @@ def test_simulated_records_have_the_shape_of_real_ones(tiny_run):
     assert [decode_array(h).shape for h in fake["final"]["hidden"]] == [decode_array(h).shape for h in real["final"]["hidden"]]
 
 
+@pytest.mark.parametrize("measure", ["rsa", "mutual_knn", "linear_cka"])
+def test_the_reader_prepares_each_representation_once_and_gets_the_pairwise_values(measure):
+    from safetylab.metrics.similarity import MEASURES
+
+    config = STUDY.resolve_config("quick", STUDY.calibration.overrides)
+    records = STUDY.simulate(config, 2.0, np.random.default_rng(1))
+    rd = lr._Reader(records, "matched", measure)
+    keys = sorted(rd.units)[:4]
+    m = MEASURES[measure]
+    for a in keys:
+        for b in keys:
+            for layer in (0, 1):
+                # a pair is cached unordered: either order's value, to the bit
+                both = {1.0 - m.as_similarity(m.fn(rd.acts(u)[layer], rd.acts(v)[layer])) for u, v in ((a, b), (b, a))}
+                assert rd.dissimilarity(a, b, layer) in both
+                rows = rd.acts(b)[layer][np.random.default_rng([5, 7]).permutation(len(rd.acts(b)[layer]))]
+                assert rd.dissimilarity(a, b, layer, shuffle=5) == 1.0 - m.as_similarity(m.fn(rd.acts(a)[layer], rows))
+    # one preparation per (representation, layer, shuffle), however many pairs read it
+    assert len(rd._prep) == (0 if m.prepare is None else len(keys) * 2 * 2)
+
+
 def test_no_rule_effect_never_holds_and_a_large_one_does():
     config = STUDY.resolve_config("quick", STUDY.calibration.overrides)
     for i in range(20):

@@ -39,11 +39,15 @@ __all__ = [
     "cka_from_gram",
     "compare",
     "debiased_linear_cka",
+    "knn_from_neighbours",
+    "knn_neighbours",
     "linear_cka",
     "mutual_knn_alignment",
     "procrustes_distance",
     "pwcca_similarity",
     "rbf_cka",
+    "rdm_ranks",
+    "rsa_from_ranks",
     "rsa_spearman",
     "svcca_similarity",
 ]
@@ -410,12 +414,29 @@ def rsa_spearman(x: np.ndarray, y: np.ndarray, *, rdm_metric: str = "euclidean")
         rdm_metric: any ``scipy.spatial.distance.pdist`` metric name.
     """
     x, y = check_paired(x, y, min_samples=3, measure="rsa_spearman")
-    dx, dy = pdist(x, metric=rdm_metric), pdist(y, metric=rdm_metric)
-    if not (np.isfinite(dx).all() and np.isfinite(dy).all()):
+    return rsa_from_ranks(rdm_ranks(x, rdm_metric=rdm_metric), rdm_ranks(y, rdm_metric=rdm_metric))
+
+
+def rdm_ranks(x: np.ndarray, *, rdm_metric: str = "euclidean") -> np.ndarray:
+    """One representation's half of :func:`rsa_spearman`: the ranks of its condensed RDM.
+
+    Comparing many pairs that share representations (every rule against every other), rank
+    each once and correlate with :func:`rsa_from_ranks`; the value is the pairwise call's, bit for bit.
+    """
+    x = check_paired(x, x, min_samples=3, measure="rsa_spearman")[0]
+    d = pdist(x, metric=rdm_metric)
+    if not np.isfinite(d).all():
         raise ValueError(f"rsa_spearman: rdm_metric='{rdm_metric}' gave NaN distances (e.g. constant rows); use 'euclidean'")
-    rx, ry = _st.rankdata(dx), _st.rankdata(dy)
-    if rx.std() == 0.0 or ry.std() == 0.0:
+    r = _st.rankdata(d)
+    if r.std() == 0.0:
         raise ValueError("rsa_spearman is undefined when all pairwise distances are equal; pass varied inputs")
+    return r
+
+
+def rsa_from_ranks(rx: np.ndarray, ry: np.ndarray) -> float:
+    """:func:`rsa_spearman` from two :func:`rdm_ranks` of representations of the same inputs."""
+    if rx.shape != ry.shape:
+        raise ValueError(f"rsa_spearman: RDMs of {rx.size} and {ry.size} pairs; rank representations of the same inputs")
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
@@ -441,8 +462,22 @@ def mutual_knn_alignment(x: np.ndarray, y: np.ndarray, *, k: int = 10) -> float:
         k: neighbours per input, ``1 <= k <= n_samples - 1`` (Huh et al. use 10).
     """
     x, y = check_paired(x, y, min_samples=2, k=k, measure="mutual_knn_alignment")
-    nx, ny = _knn_indices(x, k), _knn_indices(y, k)
-    n = x.shape[0]
+    return knn_from_neighbours(_knn_indices(x, k), _knn_indices(y, k))
+
+
+def knn_neighbours(x: np.ndarray, *, k: int = 10) -> np.ndarray:
+    """One representation's half of :func:`mutual_knn_alignment`: each input's ``k`` nearest
+    neighbours, ``(n_samples, k)``; combine two with :func:`knn_from_neighbours`."""
+    x = check_paired(x, x, min_samples=2, k=k, measure="mutual_knn_alignment")[0]
+    return _knn_indices(x, k)
+
+
+def knn_from_neighbours(nx: np.ndarray, ny: np.ndarray) -> float:
+    """:func:`mutual_knn_alignment` from two :func:`knn_neighbours` of representations of the same inputs."""
+    if nx.shape != ny.shape:
+        raise ValueError(f"mutual_knn_alignment: neighbour lists of shape {nx.shape} and {ny.shape}; "
+                         "use the same inputs and k for both")
+    n, k = nx.shape
     hits = np.zeros((n, n), dtype=bool)
     rows = np.arange(n)[:, None]
     hits[rows, nx] = True
@@ -468,6 +503,11 @@ class Measure:
     """Maps of either input that leave the value unchanged."""
     linear: bool
     """Feature-space computation (no n×n matrix)."""
+    prepare: Callable[[np.ndarray], object] | None = None
+    """Optional: the part of ``fn`` that reads one input alone (an RDM's ranks, neighbour lists)..."""
+    combine: Callable[[object, object], float] | None = None
+    """...and the rest: ``combine(prepare(x), prepare(y)) == fn(x, y)`` exactly. Callers comparing
+    many pairs over few representations prepare each representation once."""
 
     def __call__(self, x: np.ndarray, y: np.ndarray) -> float:
         return self.fn(x, y)
@@ -491,8 +531,10 @@ MEASURES: dict[str, Measure] = {
         pwcca_similarity, "similarity", (0.0, 1.0), 1.0,
         "invertible linear maps of y; isotropic scaling, neuron permutations and sign flips of x; translation", True,
     ),
-    "rsa": Measure(rsa_spearman, "similarity", (-1.0, 1.0), 1.0, _ORTHO_SCALE + ", any monotone rescaling of distances", False),
-    "mutual_knn": Measure(mutual_knn_alignment, "similarity", (0.0, 1.0), 1.0, "orthogonal maps, isotropic scaling", False),
+    "rsa": Measure(rsa_spearman, "similarity", (-1.0, 1.0), 1.0, _ORTHO_SCALE + ", any monotone rescaling of distances", False,
+                   prepare=rdm_ranks, combine=rsa_from_ranks),  # type: ignore[arg-type]
+    "mutual_knn": Measure(mutual_knn_alignment, "similarity", (0.0, 1.0), 1.0, "orthogonal maps, isotropic scaling", False,
+                          prepare=knn_neighbours, combine=knn_from_neighbours),  # type: ignore[arg-type]
 }
 """Every measure by name; each is ``fn(x, y) -> float`` with default hyperparameters."""
 

@@ -487,6 +487,7 @@ class _Reader:
                 "snap": snap, "reached": r["arm"] == INIT or checkpoint == "final" or r["matched"] is not None}
         self._acts: dict[tuple, list[np.ndarray]] = {}
         self._cache: dict[tuple, float] = {}
+        self._prep: dict[tuple, object] = {}
 
     def has(self, *keys: tuple) -> bool:
         return all(k in self.units for k in keys)
@@ -506,15 +507,33 @@ class _Reader:
         """
         ck = (frozenset((k1, k2)) if shuffle is None else (k1, k2), layer, shuffle)  # measures are symmetric
         if ck not in self._cache:
-            b = self.acts(k2)[layer]
-            if shuffle is not None:
-                b = b[np.random.default_rng([shuffle, 7]).permutation(len(b))]
             try:
-                v = self.measure.fn(self.acts(k1)[layer], b)
+                if self.measure.prepare is not None and self.measure.combine is not None:
+                    # RSA and k-NN: rank each representation's RDM (or find its neighbours) once, not once per pair
+                    v = self.measure.combine(self._prepared(k1, layer, None), self._prepared(k2, layer, shuffle))
+                else:
+                    v = self.measure.fn(self.acts(k1)[layer], self._rows(k2, layer, shuffle))
                 self._cache[ck] = 1.0 - self.measure.as_similarity(v)
             except ValueError:
                 self._cache[ck] = float("nan")
         return self._cache[ck]
+
+    def _rows(self, key: tuple, layer: int, shuffle: int | None) -> np.ndarray:
+        a = self.acts(key)[layer]
+        return a if shuffle is None else a[np.random.default_rng([shuffle, 7]).permutation(len(a))]
+
+    def _prepared(self, key: tuple, layer: int, shuffle: int | None) -> object:
+        """``measure.prepare`` of one representation, cached; a ValueError (a dead layer) is cached and re-raised."""
+        pk = (key, layer, shuffle)
+        if pk not in self._prep:
+            try:
+                self._prep[pk] = self.measure.prepare(self._rows(key, layer, shuffle))  # type: ignore[misc]
+            except ValueError as exc:
+                self._prep[pk] = exc
+        out = self._prep[pk]
+        if isinstance(out, ValueError):
+            raise out
+        return out
 
 
 def _log_ratio(cross: float, within_1: float, within_2: float) -> float:
