@@ -414,7 +414,7 @@ def rsa_spearman(x: np.ndarray, y: np.ndarray, *, rdm_metric: str = "euclidean")
         rdm_metric: any ``scipy.spatial.distance.pdist`` metric name.
     """
     x, y = check_paired(x, y, min_samples=3, measure="rsa_spearman")
-    return rsa_from_ranks(rdm_ranks(x, rdm_metric=rdm_metric), rdm_ranks(y, rdm_metric=rdm_metric))
+    return rsa_from_ranks(_rdm_ranks(x, rdm_metric), _rdm_ranks(y, rdm_metric))
 
 
 def rdm_ranks(x: np.ndarray, *, rdm_metric: str = "euclidean") -> np.ndarray:
@@ -423,7 +423,10 @@ def rdm_ranks(x: np.ndarray, *, rdm_metric: str = "euclidean") -> np.ndarray:
     Comparing many pairs that share representations (every rule against every other), rank
     each once and correlate with :func:`rsa_from_ranks`; the value is the pairwise call's, bit for bit.
     """
-    x = check_paired(x, x, min_samples=3, measure="rsa_spearman")[0]
+    return _rdm_ranks(check_paired(x, x, min_samples=3, measure="rsa_spearman")[0], rdm_metric)
+
+
+def _rdm_ranks(x: np.ndarray, rdm_metric: str) -> np.ndarray:
     d = pdist(x, metric=rdm_metric)
     if not np.isfinite(d).all():
         raise ValueError(f"rsa_spearman: rdm_metric='{rdm_metric}' gave NaN distances (e.g. constant rows); use 'euclidean'")
@@ -468,8 +471,7 @@ def mutual_knn_alignment(x: np.ndarray, y: np.ndarray, *, k: int = 10) -> float:
 def knn_neighbours(x: np.ndarray, *, k: int = 10) -> np.ndarray:
     """One representation's half of :func:`mutual_knn_alignment`: each input's ``k`` nearest
     neighbours, ``(n_samples, k)``; combine two with :func:`knn_from_neighbours`."""
-    x = check_paired(x, x, min_samples=2, k=k, measure="mutual_knn_alignment")[0]
-    return _knn_indices(x, k)
+    return _knn_indices(check_paired(x, x, min_samples=2, k=k, measure="mutual_knn_alignment")[0], k)
 
 
 def knn_from_neighbours(nx: np.ndarray, ny: np.ndarray) -> float:
