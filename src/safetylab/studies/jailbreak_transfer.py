@@ -1012,7 +1012,7 @@ def extreme(config: Config, records: list[dict[str, Any]]) -> list[dict[str, Any
 
 STUDY = Study(
     name="jailbreak-transfer",
-    quick_seconds=420,  # estimated 2026-12-06 for 30 GCG steps (reproduce schedules the longest first)
+    quick_seconds=420,  # measured 431 s in the 43:08 cold run of 2026-12-06, on a machine ~1.08x slow (longest first)
     config_cls=Config,
     claim=CLAIM,
     threat_model=THREAT_MODEL,
@@ -1038,8 +1038,8 @@ STUDY = Study(
         # universal suffix per source over one request per covered hazard, 30 steps of width 64, keeping the step's
         # suffix that meets the most training targets (gcg_select). With 20 steps kept by loss the source control
         # passed on study seeds 0 and 1 (lower bounds 0.12, 0.12) and failed on seed 2 (0.31 [0.07, 0.55]); 20 kept
-        # by targets still failed there (0.36 [0.07, 0.64]); 30 kept by targets pass on seeds 0 and 2 (0.40 [0.17,
-        # 0.63], 0.42 [0.21, 0.64]) for about 25 s more per source. No adaptive attack (it would double the GCG
+        # by targets still failed there (0.36 [0.07, 0.64]); 30 kept by targets pass on seeds 0-3 (lower bounds 0.17,
+        # 0.13, 0.21, 0.26) for about 30 s more per source (53 -> 83 s). No adaptive attack (it would double the GCG
         # time). A user's old source_seeds key is renamed before this preset is merged.
         "quick": {"organism_scale": "quick", "shared_base": True, "organism_seeds": 5, "n_train": 18,
                   "targets": ["sft", "dpo", "depth-robust", "sft-narrow", "never-taught"],
