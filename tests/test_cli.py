@@ -86,6 +86,30 @@ def test_list_and_describe_json(capsys):
     assert keys["seeds"]["default"] == 40 and keys["total_steps"]["default"] == 100_000  # the essay's
 
 
+def test_reproduce_dry_run_lists_the_organisms_to_train_and_writes_nothing(workspace, capsys):
+    """Before hours of training, a user learns what would be trained, what is cached and how long the rest
+    takes; the studies' configs are checked as in a real run, and nothing is trained or written."""
+    before = snapshot(workspace)
+    code, out, _ = run_cli(["reproduce", "--only", "early-exit,shield", "--dry-run", "--json",
+                            "--cache-dir", "cache"], capsys)
+    assert code == 0
+    plan = json.loads(out)
+    rows = plan["organisms"]
+    variants = sorted(r["variant"] for r in rows)
+    # early-exit at quick: one shared base and its safety-trained organisms; shield needs none.
+    assert variants.count("base") == 1 and {"sft", "dpo", "depth-robust", "sft-late"} <= set(variants)
+    assert all(r["status"] == "missing" and r["seconds_left"] > 0 for r in rows) and plan["to_train"] == len(rows)
+    assert plan["one_core_seconds"] == pytest.approx(sum(r["seconds_left"] for r in rows))
+    base = next(r for r in rows if r["variant"] == "base")
+    assert rows[0]["variant"] == "base"  # bases train first: their variants wait on them
+    assert all(r["base"] == base["hash"] for r in rows if r is not base)
+    assert {s["study"]: (s["organisms"], s["to_train"]) for s in plan["studies"]} == {
+        "early-exit": (len(rows), len(rows)), "shield": (0, 0)}
+    assert snapshot(workspace) == before and not (workspace / "cache").exists() and not (workspace / "runs").exists()
+    code, _, err = run_cli(["reproduce", "--dry-run", "--only", "early-exit", "--seed", "-1"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "seed" in err
+
+
 def test_threats_json_on_empty_folder(tmp_path, capsys):
     code, out, _ = run_cli(["threats", "--runs", str(tmp_path), "--json"], capsys)
     assert code == 0

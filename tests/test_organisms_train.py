@@ -332,7 +332,7 @@ def test_build_many_progress_counts_work_not_organisms(tmp_path, monkeypatch):
     from contextlib import contextmanager
 
     import safetylab.progress
-    from safetylab.organisms.cache import OrganismRequest, build_many, training_work
+    from safetylab.organisms.cache import OrganismRequest, build_many, training_flops
 
     seen: dict = {"advances": []}
 
@@ -351,12 +351,28 @@ def test_build_many_progress_counts_work_not_organisms(tmp_path, monkeypatch):
     # The base has three times sft's steps at equal sizes: 75% of the work, then 25%.
     assert seen["total"] == 100 and seen["unit"] == "percent of the estimated work"
     assert seen["advances"] == pytest.approx([75.0, 25.0])
-    # dpo's four passes per pair and sft-late's short backward pass, at equal steps and sizes.
-    sft = training_work(organism_config("sft", "quick"))
-    assert training_work(organism_config("dpo", "quick", overrides={"variant_train": {"batch_size": 48}})) \
-        == 3 * sft
-    assert training_work(organism_config("sft-late", "quick", overrides={"variant_train": {"steps": 200}})) \
-        == sft / 2
+    # At equal steps and sizes: dpo's two sequences per pair, each through the policy (forward and backward)
+    # and the frozen reference (forward); sft-late's backward pass through a quarter of the layers.
+    sft = training_flops(organism_config("sft", "quick"))
+    dpo = organism_config("dpo", "quick", overrides={"variant_train": {"batch_size": 48, "steps": 200}})
+    assert training_flops(dpo) == pytest.approx(sft * 16 / 6)
+    assert training_flops(organism_config("sft-late", "quick", overrides={"variant_train": {"steps": 200}})) \
+        == pytest.approx(sft / 2)
+    assert training_flops(organism_config("depth-robust", "quick", overrides={"variant_train": {"lr": 1e-3}})) > sft
+
+
+@pytest.mark.parametrize("scale, overrides", [("tiny", None), ("quick", None), ("paper", None),
+                                              ("quick", {"model": {"n_layers": 4, "d_model": 64, "d_ff": 128}})])
+def test_the_cost_estimate_counts_the_parameters_of_the_model_it_would_train(scale, overrides):
+    from safetylab.organisms.cache import n_params
+    from safetylab.organisms.tokenizer import build_tokenizer
+    from safetylab.organisms.train import new_model
+    from safetylab.organisms.world import World
+
+    config = organism_config("base", scale, overrides=overrides)
+    tok = build_tokenizer(World(config.world).vocabulary(), max_length=config.model.max_len)
+    model = new_model(config, tok)
+    assert n_params(config) == sum(p.numel() for p in model.parameters())
 
 
 def test_default_cache_dir_follows_safetylab_cache(tmp_path, monkeypatch):
@@ -403,12 +419,21 @@ def test_a_stopped_build_resumes_from_its_checkpoint_to_the_same_weights(tmp_pat
     partial = tmp_path / "resumed" / f".partial-{h}"
     assert json.loads((partial / "state.json").read_text())["step"] == 16
     assert not (tmp_path / "resumed" / h).exists()
+    # What `reproduce --dry-run` shows: this organism resumes at step 16 of 40, its base is cached.
+    plan = {r["hash"]: r for r in cache.organism_plan([cache.OrganismRequest(variant, "tiny", overrides=overrides)],
+                                                      tmp_path / "resumed")}
+    row = plan[h]
+    assert (row["status"], row["steps_done"], row["steps"]) == ("resumes", 16, 40)
+    assert row["seconds_left"] == pytest.approx(cache.estimated_seconds(config) * 24 / 40)
+    assert all(r["status"] == "cached" and r["seconds_left"] == 0 for k, r in plan.items() if k != h)
 
     monkeypatch.setattr(cache, "train_organism", real)
     seen.clear()
     (tmp_path / "resumed" / f".partial-{h}.tmp").mkdir()  # what a crash mid-save leaves
     resumed = build(config, tmp_path / "resumed")
     assert check_entry(resumed, h) is None
+    assert [r["status"] for r in cache.organism_plan([cache.OrganismRequest(variant, "tiny", overrides=overrides)],
+                                                     tmp_path / "resumed")] == ["cached"] * len(plan)
     assert not [p.name for p in (tmp_path / "resumed").iterdir() if p.name.startswith(".partial")]
     a = AutoModelForCausalLM.from_pretrained(clean).state_dict()
     b = AutoModelForCausalLM.from_pretrained(resumed).state_dict()
@@ -422,13 +447,14 @@ def test_a_stopped_build_resumes_from_its_checkpoint_to_the_same_weights(tmp_pat
 
 
 def test_a_checkpoint_of_another_config_is_never_resumed(tmp_path):
-    from safetylab.organisms.train import organism_config, train_organism
+    from safetylab.organisms.train import checkpoint_step, organism_config, train_organism
 
     overrides = {**MICRO, "base_train": {"steps": 16, "batch_size": 4}}
     one = organism_config("base", "tiny", overrides=overrides)
     other = organism_config("base", "tiny", seed=1, overrides=overrides)
     train_organism(one, checkpoint=tmp_path / "ckpt", checkpoint_every_s=0.0)
     assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 8
+    assert checkpoint_step(tmp_path / "ckpt", one) == 8 and checkpoint_step(tmp_path / "ckpt", other) is None
     fresh = train_organism(other, checkpoint=tmp_path / "none")
     reused = train_organism(other, checkpoint=tmp_path / "ckpt")  # seed 0's checkpoint: ignored
     sa, sb = fresh.model.state_dict(), reused.model.state_dict()

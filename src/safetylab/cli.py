@@ -213,6 +213,10 @@ def reproduce_cmd(
     device: str = typer.Option("cpu", help="torch device for studies that use one."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print the combined summary as JSON."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Check every study's config and list the organisms they need: cached, resumable "
+                                 "or to train, with the training time each would take on one CPU core. Trains "
+                                 "and writes nothing."),
 ) -> None:
     """Every study at one scale, then one combined HTML report."""
     from safetylab.progress import log_to_stdout
@@ -236,9 +240,11 @@ def reproduce_cmd(
 
     # Every study's organisms first, in one pool: studies share them through the cache,
     # and small organisms train faster side by side than one after another.
-    chosen_studies = [get_study(n) for n in names]
-    build_organisms([(st, resolve_config(st, scale=scale.value, seed=seed)) for st in chosen_studies],
-                    cache_dir or default_cache_dir(), quiet=quiet, device=device)
+    planned = [(get_study(n), resolve_config(get_study(n), scale=scale.value, seed=seed)) for n in names]
+    if dry_run:
+        _print_plan(planned, (cache_dir or default_cache_dir()) / "organisms", scale.value, as_json)
+        return
+    build_organisms(planned, cache_dir or default_cache_dir(), quiet=quiet, device=device)
     argv = ["safetylab", *sys.argv[1:]]
     human = not quiet and not as_json  # --json keeps stdout for the summary alone
     cores = os.cpu_count() or 1
@@ -289,6 +295,50 @@ def reproduce_cmd(
         console.print(f"combined report: {report}")
     if failed:
         raise typer.Exit(1)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+def _print_plan(planned: list[tuple[Any, Any]], organism_dir: Path, scale: str, as_json: bool) -> None:
+    """``reproduce --dry-run``: the organisms the studies need, which are cached, and the rest's training time."""
+    from safetylab.organisms.cache import CPU_FLOPS_PER_S, config_hash, organism_plan
+    from safetylab.organisms.train import FROM_SCRATCH
+
+    requests = {st.name: (st.organisms(cfg) if st.organisms is not None else []) for st, cfg in planned}
+    rows = organism_plan([r for rs in requests.values() for r in rs], organism_dir)
+    users: dict[str, set[str]] = {}  # organism hash -> the studies that need it (a variant's base included)
+    for name, rs in requests.items():
+        for c in (r.config() for r in rs):
+            users.setdefault(config_hash(c), set()).add(name)
+            if c.variant not in FROM_SCRATCH:
+                users.setdefault(config_hash(c.base_config()), set()).add(name)
+    todo = [r for r in rows if r["status"] != "cached"]
+    left = sum(r["seconds_left"] for r in todo)
+    cores = os.cpu_count() or 1
+    studies = [{"study": st.name, "organisms": sum(st.name in ns for ns in users.values()),
+                "to_train": sum(st.name in users[r["hash"]] for r in todo)} for st, _ in planned]
+    if as_json:
+        _print_json({"scale": scale, "organism_dir": str(organism_dir), "organisms": rows, "studies": studies,
+                     "to_train": len(todo), "one_core_seconds": left, "cpu_flops_per_s": CPU_FLOPS_PER_S})
+        return
+    table = Table(title=f"Organisms for {len(planned)} studies at {scale} scale ({organism_dir})")
+    for col in ("variant", "seed", "from", "params", "steps", "status", "one core", "studies"):
+        table.add_column(col, no_wrap=True, justify="left" if col in ("variant", "from", "status") else "right")
+    named = {r["hash"]: f"{r['variant']} {r['seed']}" for r in rows}
+    for r in rows:
+        status = {"cached": "cached", "missing": "to train"}.get(r["status"], f"at {r['steps_done']}")
+        table.add_row(r["variant"], str(r["seed"]), named.get(r["base"], ""), f"{r['n_params'] / 1e6:.2f}M",
+                      str(r["steps"]), status, "" if r["status"] == "cached" else _hours(r["seconds_left"]),
+                      str(len(users[r["hash"]])))
+    console.print(table)
+    for s in studies:
+        console.print(f"  {s['study']}: {s['organisms']} organisms, {s['to_train']} to train")
+    console.print(
+        f"To train: {len(todo)} of {len(rows)} organisms, {_hours(left)} of one CPU core like the reference "
+        f"machine's ({CPU_FLOPS_PER_S / 1e9:.0f} GFLOP/s), about {_hours(left / cores)} on this machine's {cores} "
+        "cores, one organism per core. Study time comes on top. --dry-run: nothing was trained or written.")
 
 
 # --------------------------------------------------------------------------- report / threats

@@ -275,19 +275,87 @@ class OrganismRequest:
                             base_seed=self.base_seed, quiet=quiet, overrides=self.overrides)
 
 
-WORK_FACTOR: dict[str, float] = {"dpo": 3.0, "sft-late": 0.5}
-"""Cost of a step relative to sft's at equal sizes: dpo runs four forward passes per pair
-(policy and frozen reference, chosen and rejected); sft-late back-propagates through a
-quarter of the layers only. Measured on quick organisms, one thread each."""
+TOKENS_PER_SEQUENCE = 40.0
+"""Mean tokens in one training sequence of the organisms' world (prompt, response and ``<eos>``): 39.9 in base
+pretraining, 42 in sft's mix, 41 on each side of a dpo pair (quick organisms' training logs)."""
+
+CPU_FLOPS_PER_S = 42e9
+"""Training throughput of one core of the 2-core reference machine (AMD EPYC with AVX-512, one thread, another
+organism training on the other core): the quick base's 6 x 1.44M parameters x 3.06M tokens took 625 s. Estimates
+made with it: quick sft 79 s (measured 77), sft-late 297 s (304), dpo 105 s (120-131), eval-gated and
+secret-keeping 119 s (118-129), the paper base 6.4 hours (3.1-3.3 s a step here: 5.2-5.5 hours). Organisms
+of 0.2M parameters and less run about a third slower than estimated (the 4-layer base: 100 s, measured 133)."""
 
 
-def training_work(config: OrganismConfig) -> float:
-    """Estimated cost of training this stage, in arbitrary units: sequences x layers x width
-    x :data:`WORK_FACTOR`. On quick organisms it is proportional to the measured one-thread
-    time within about 15% (base 473 s, sft-late 240 s, dpo 100 s, sft 65 s)."""
-    t = config.base_train if config.variant in FROM_SCRATCH else config.variant_train
+def _vocab_size(config: OrganismConfig) -> int:
+    from safetylab.organisms.tokenizer import SPECIAL_TOKENS
+    from safetylab.organisms.world import World
+
+    return len(World(config.world).vocabulary()) + len(SPECIAL_TOKENS)
+
+
+def n_params(config: OrganismConfig) -> int:
+    """Parameters of the organism's ``LlamaForCausalLM``: untied input and output embeddings, four attention
+    projections, the gated MLP's three and two norms per layer, and the final norm."""
     m = config.model
-    return t.steps * t.batch_size * m.n_layers * m.d_model * WORK_FACTOR.get(config.variant, 1.0)
+    d = m.d_model
+    return 2 * _vocab_size(config) * d + m.n_layers * (4 * d * d + 3 * d * m.d_ff + 2 * d) + d
+
+
+def training_flops(config: OrganismConfig) -> float:
+    """Floating-point operations to train this stage, counted as parameters x tokens x passes: 6 for a forward
+    and backward pass; dpo 2 x (6 + 2), both sides of a pair through the policy and the frozen reference;
+    sft-late 3, a forward pass through every layer and a backward pass through a quarter of them; depth-robust
+    6 plus, for each intermediate exit, the output head's 6 x vocabulary x width (forward and backward)."""
+    from safetylab.organisms.train import exit_layers
+
+    t = config.base_train if config.variant in FROM_SCRATCH else config.variant_train
+    p = n_params(config)
+    per_token = {"dpo": 16.0 * p, "sft-late": 3.0 * p}.get(config.variant, 6.0 * p)
+    if config.variant == "depth-robust":
+        n_exits = len(exit_layers(config.model.n_layers)) - 1  # the last exit is the model's own head
+        per_token += 6.0 * _vocab_size(config) * config.model.d_model * n_exits
+    return per_token * t.steps * t.batch_size * TOKENS_PER_SEQUENCE
+
+
+def estimated_seconds(config: OrganismConfig, flops_per_s: float = CPU_FLOPS_PER_S) -> float:
+    """Training time of this stage on one core like the reference machine's (:data:`CPU_FLOPS_PER_S`);
+    within about 20% on quick and paper organisms there."""
+    return training_flops(config) / flops_per_s
+
+
+def organism_plan(requests: list[OrganismRequest], cache_dir: Path | None = None) -> list[dict[str, Any]]:
+    """What :func:`build_many` would do for ``requests``, without training or writing anything.
+
+    Returns:
+        One row per organism, bases included, in the order it would train them (from-scratch stages first,
+        longest first; cached ones last): ``hash``, ``variant``, ``scale``, ``seed``, ``base`` (the base's
+        hash or None), ``n_params``, ``steps``, ``status`` (``cached``, ``resumes`` from a checkpoint, or
+        ``missing``), ``steps_done`` and ``seconds_left`` (one core like the reference machine's:
+        :func:`estimated_seconds`, less the checkpoint's share; 0 when cached).
+    """
+    from safetylab.organisms.train import checkpoint_step
+
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_organism_dir()
+    by_hash: dict[str, OrganismConfig] = {}
+    for c in (r.config() for r in requests):
+        if c.variant not in FROM_SCRATCH:
+            by_hash.setdefault(config_hash(c.base_config()), c.base_config())
+        by_hash.setdefault(config_hash(c), c)
+    rows = []
+    for h, c in by_hash.items():
+        steps = (c.base_train if c.variant in FROM_SCRATCH else c.variant_train).steps
+        cached = check_entry(cache_dir / h, h) is None
+        done = steps if cached else (checkpoint_step(cache_dir / f".partial-{h}", c) or 0)
+        rows.append({
+            "hash": h, "variant": c.variant, "scale": c.scale, "seed": c.seed,
+            "base": None if c.variant in FROM_SCRATCH else config_hash(c.base_config()),
+            "n_params": n_params(c), "steps": steps,
+            "status": "cached" if cached else ("resumes" if done else "missing"),
+            "steps_done": done, "seconds_left": estimated_seconds(c) * (1 - done / steps),
+        })
+    rows.sort(key=lambda r: (r["status"] == "cached", r["variant"] not in FROM_SCRATCH, -r["seconds_left"]))
+    return rows
 
 
 def _build_one(config: OrganismConfig, cache_dir: Path, num_threads: int, device: str) -> str:
@@ -354,11 +422,11 @@ def build_many(
 
     def cost(c: OrganismConfig) -> tuple[bool, float]:
         """Longest first: from-scratch stages unblock their variants and take the longest."""
-        return (c.variant in FROM_SCRATCH, training_work(c))
+        return (c.variant in FROM_SCRATCH, training_flops(c))
 
     # The bar advances by each organism's share of the estimated work, in percent, so that
     # its estimate of the time left is not thrown off by a base taking eight variants' time.
-    work = {h: training_work(c) for h, c in missing.items()}
+    work = {h: training_flops(c) for h, c in missing.items()}
     share = {h: 100.0 * w / sum(work.values()) for h, w in work.items()}
     label = f"training {len(missing)} organisms ({n} at a time)"
     with bar(label, 100.0, quiet=quiet, unit="percent of the estimated work") as advance:

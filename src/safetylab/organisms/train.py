@@ -710,7 +710,7 @@ def train_organism(
     tokens = 0
     window: list[float] = []
     start, before = 0, 0.0
-    identity = json.dumps({"version": ORGANISM_VERSION, **config.stage_dict()}, sort_keys=True)
+    identity = checkpoint_identity(config)
     if checkpoint is not None:
         resumed = _load_checkpoint(Path(checkpoint), identity, model, opt, rng, device)
         if resumed is not None:
@@ -813,6 +813,32 @@ def _save_checkpoint(
         shutil.rmtree(old)
 
 
+def checkpoint_identity(config: OrganismConfig) -> str:
+    """What a checkpoint records as the config it belongs to (it is resumed only for that config)."""
+    return json.dumps({"version": ORGANISM_VERSION, **config.stage_dict()}, sort_keys=True)
+
+
+def _checkpoint_state(folder: Path, identity: str) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint folder for ``identity`` (``folder``, or the copy a crash mid-save left as ``.old``) and
+    its ``state.json``; None when there is none."""
+    folder = Path(folder)
+    for path in (folder, folder.with_name(folder.name + ".old")):
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and state.get("identity") == identity:
+            return path, state
+    return None
+
+
+def checkpoint_step(folder: Path, config: OrganismConfig) -> int | None:
+    """Steps done in the checkpoint of ``config`` in ``folder``, or None when there is none (reads
+    ``state.json`` only)."""
+    found = _checkpoint_state(folder, checkpoint_identity(config))
+    return None if found is None else int(found[1].get("step", 0))
+
+
 def remove_checkpoint(folder: Path) -> None:
     """Delete a training checkpoint with the copies a crash mid-save can leave beside it."""
     folder = Path(folder)
@@ -828,27 +854,22 @@ def _load_checkpoint(
     into ``model``, ``opt`` and ``rng``; None when there is none for this config."""
     from safetensors.torch import load_file, load_model
 
-    folder = Path(folder)
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
-        try:
-            state = json.loads((candidate / "state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if state.get("identity") != identity:
-            continue
-        load_model(model, str(candidate / "model.safetensors"), device=device)
-        tensors = load_file(str(candidate / "optimizer.safetensors"))
-        torch.set_rng_state(tensors.pop("torch_rng"))
-        sd = opt.state_dict()
-        per_param: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            index, name = key.split(".", 1)
-            per_param.setdefault(int(index), {})[name] = value
-        sd["state"] = per_param
-        opt.load_state_dict(sd)
-        rng.bit_generator.state = state["sampler"]
-        return state
-    return None
+    found = _checkpoint_state(folder, identity)
+    if found is None:
+        return None
+    path, state = found
+    load_model(model, str(path / "model.safetensors"), device=device)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("torch_rng"))
+    sd = opt.state_dict()
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    sd["state"] = per_param
+    opt.load_state_dict(sd)
+    rng.bit_generator.state = state["sampler"]
+    return state
 
 
 def _make_batches(
