@@ -265,6 +265,14 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
             # eval-gated seed 3 then lost 3.3 and 4.0 points (sequence operations 0.83 and 0.80),
             # so replay now follows the pretraining shares (TrainConfig.replay); with it every
             # organism passes every bar on seeds 0-4 at evaluation seeds 23, 37 and 41 (README).
+            #
+            # Shorter still, measured on seeds 0-4 from base 0 at evaluation seeds 23, 37 and 41: sft and
+            # depth-robust at 150 steps and dpo at 150 pass every bar (benign drop at most 0.027, 0.013 and
+            # 0.017); eval-gated at 200 refuses 0.30-0.61 without a cue (bar: at most 0.20) on every seed, and
+            # secret-keeping at 200 gives the name when sharing is allowed 0.84-0.93 (bar: at least 0.90), 13 of
+            # 15 below. The three that pass would save about 250 core-seconds (two minutes of a cold run); they
+            # are not taken alone, since every study's numbers move with them and the run would still be over 40
+            # minutes on the slower days (README).
             "sft": {"lr": 5e-4, "steps": 200},
             "depth-robust": {"lr": 5e-4, "steps": 200},
             # Telling evaluation cues apart is harder than refusing a topic: a lower rate, more steps.
