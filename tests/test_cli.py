@@ -105,6 +105,7 @@ def test_reproduce_dry_run_lists_the_organisms_to_train_and_writes_nothing(works
     assert all(r["base"] == base["hash"] for r in rows if r is not base)
     assert {s["study"]: (s["organisms"], s["to_train"]) for s in plan["studies"]} == {
         "early-exit": (len(rows), len(rows)), "shield": (0, 0)}
+    assert plan["study_one_core_seconds"] == sum(s["quick_seconds"] for s in plan["studies"]) > 0
     assert snapshot(workspace) == before and not (workspace / "cache").exists() and not (workspace / "runs").exists()
     code, _, err = run_cli(["reproduce", "--dry-run", "--only", "early-exit", "--seed", "-1"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "seed" in err

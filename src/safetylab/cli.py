@@ -318,10 +318,14 @@ def _print_plan(planned: list[tuple[Any, Any]], organism_dir: Path, scale: str, 
     left = sum(r["seconds_left"] for r in todo)
     cores = os.cpu_count() or 1
     studies = [{"study": st.name, "organisms": sum(st.name in ns for ns in users.values()),
-                "to_train": sum(st.name in users[r["hash"]] for r in todo)} for st, _ in planned]
+                "to_train": sum(st.name in users[r["hash"]] for r in todo),
+                "quick_seconds": st.quick_seconds if scale == "quick" else None} for st, _ in planned]
+    # Quick studies' own time is measured (Study.quick_seconds, the reference machine); paper's is not.
+    study_seconds = sum(st.quick_seconds for st, _ in planned) if scale == "quick" else None
     if as_json:
         _print_json({"scale": scale, "organism_dir": str(organism_dir), "organisms": rows, "studies": studies,
-                     "to_train": len(todo), "one_core_seconds": left, "cpu_flops_per_s": CPU_FLOPS_PER_S})
+                     "to_train": len(todo), "one_core_seconds": left, "cpu_flops_per_s": CPU_FLOPS_PER_S,
+                     "study_one_core_seconds": study_seconds})
         return
     table = Table(title=f"Organisms for {len(planned)} studies at {scale} scale ({organism_dir})")
     for col in ("variant", "seed", "from", "params", "steps", "status", "one core", "studies"):
@@ -335,10 +339,13 @@ def _print_plan(planned: list[tuple[Any, Any]], organism_dir: Path, scale: str, 
     console.print(table)
     for s in studies:
         console.print(f"  {s['study']}: {s['organisms']} organisms, {s['to_train']} to train")
+    studies_line = ("Study time is not estimated at this scale." if study_seconds is None else
+                    f"The studies then take about {_hours(study_seconds)} of one core on the reference machine "
+                    f"(their measured quick runs), about {_hours(study_seconds / cores)} on {cores} cores.")
     console.print(
         f"To train: {len(todo)} of {len(rows)} organisms, {_hours(left)} of one CPU core like the reference "
         f"machine's ({CPU_FLOPS_PER_S / 1e9:.0f} GFLOP/s), about {_hours(left / cores)} on this machine's {cores} "
-        "cores, one organism per core. Study time comes on top. --dry-run: nothing was trained or written.")
+        f"cores, one organism per core. {studies_line} --dry-run: nothing was trained or written.")
 
 
 # --------------------------------------------------------------------------- report / threats
