@@ -297,14 +297,11 @@ def reproduce_cmd(
         raise typer.Exit(1)
 
 
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
-
-
 def _print_plan(planned: list[tuple[Any, Any]], organism_dir: Path, scale: str, as_json: bool) -> None:
     """``reproduce --dry-run``: the organisms the studies need, which are cached, and the rest's training time."""
     from safetylab.organisms.cache import CPU_FLOPS_PER_S, config_hash, organism_plan
     from safetylab.organisms.train import FROM_SCRATCH
+    from safetylab.progress import format_duration
 
     requests = {st.name: (st.organisms(cfg) if st.organisms is not None else []) for st, cfg in planned}
     rows = organism_plan([r for rs in requests.values() for r in rs], organism_dir)
@@ -328,23 +325,23 @@ def _print_plan(planned: list[tuple[Any, Any]], organism_dir: Path, scale: str, 
                      "study_one_core_seconds": study_seconds})
         return
     table = Table(title=f"Organisms for {len(planned)} studies at {scale} scale ({organism_dir})")
-    for col in ("variant", "seed", "from", "params", "steps", "status", "one core", "studies"):
-        table.add_column(col, no_wrap=True, justify="left" if col in ("variant", "from", "status") else "right")
-    named = {r["hash"]: f"{r['variant']} {r['seed']}" for r in rows}
+    for col in ("organism", "from", "params", "steps", "status", "one core", "studies"):
+        table.add_column(col, no_wrap=True, justify="left" if col in ("organism", "from", "status") else "right")
+    named = {r["hash"]: f"{r['variant']}@{r['seed']}" for r in rows}
     for r in rows:
         status = {"cached": "cached", "missing": "to train"}.get(r["status"], f"at {r['steps_done']}")
-        table.add_row(r["variant"], str(r["seed"]), named.get(r["base"], ""), f"{r['n_params'] / 1e6:.2f}M",
-                      str(r["steps"]), status, "" if r["status"] == "cached" else _hours(r["seconds_left"]),
+        table.add_row(named[r["hash"]], named.get(r["base"], ""), f"{r['n_params'] / 1e6:.2f}M", str(r["steps"]),
+                      status, "" if r["status"] == "cached" else format_duration(r["seconds_left"]),
                       str(len(users[r["hash"]])))
     console.print(table)
     for s in studies:
         console.print(f"  {s['study']}: {s['organisms']} organisms, {s['to_train']} to train")
     studies_line = ("Study time is not estimated at this scale." if study_seconds is None else
-                    f"The studies then take about {_hours(study_seconds)} of one core on the reference machine "
-                    f"(their measured quick runs), about {_hours(study_seconds / cores)} on {cores} cores.")
+                    f"The studies then take about {format_duration(study_seconds)} of one core on the reference machine "
+                    f"(their measured quick runs), about {format_duration(study_seconds / cores)} on {cores} cores.")
     console.print(
-        f"To train: {len(todo)} of {len(rows)} organisms, {_hours(left)} of one CPU core like the reference "
-        f"machine's ({CPU_FLOPS_PER_S / 1e9:.0f} GFLOP/s), about {_hours(left / cores)} on this machine's {cores} "
+        f"To train: {len(todo)} of {len(rows)} organisms, {format_duration(left)} of one CPU core like the reference "
+        f"machine's ({CPU_FLOPS_PER_S / 1e9:.0f} GFLOP/s), about {format_duration(left / cores)} on this machine's {cores} "
         f"cores, one organism per core. {studies_line} --dry-run: nothing was trained or written.")
 
 

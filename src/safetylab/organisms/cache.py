@@ -324,6 +324,16 @@ def estimated_seconds(config: OrganismConfig, flops_per_s: float = CPU_FLOPS_PER
     return training_flops(config) / flops_per_s
 
 
+def _with_bases(configs: list[OrganismConfig]) -> dict[str, OrganismConfig]:
+    """Every organism these configs need, by hash: each one and the base a variant is fine-tuned from."""
+    by_hash: dict[str, OrganismConfig] = {}
+    for c in configs:
+        if c.variant not in FROM_SCRATCH:
+            by_hash.setdefault(config_hash(c.base_config()), c.base_config())
+        by_hash.setdefault(config_hash(c), c)
+    return by_hash
+
+
 def organism_plan(requests: list[OrganismRequest], cache_dir: Path | None = None) -> list[dict[str, Any]]:
     """What :func:`build_many` would do for ``requests``, without training or writing anything.
 
@@ -337,13 +347,8 @@ def organism_plan(requests: list[OrganismRequest], cache_dir: Path | None = None
     from safetylab.organisms.train import checkpoint_step
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_organism_dir()
-    by_hash: dict[str, OrganismConfig] = {}
-    for c in (r.config() for r in requests):
-        if c.variant not in FROM_SCRATCH:
-            by_hash.setdefault(config_hash(c.base_config()), c.base_config())
-        by_hash.setdefault(config_hash(c), c)
     rows = []
-    for h, c in by_hash.items():
+    for h, c in _with_bases([r.config() for r in requests]).items():
         steps = (c.base_train if c.variant in FROM_SCRATCH else c.variant_train).steps
         cached = check_entry(cache_dir / h, h) is None
         done = steps if cached else (checkpoint_step(cache_dir / f".partial-{h}", c) or 0)
@@ -398,12 +403,7 @@ def build_many(
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_organism_dir()
     configs = [r.config() for r in requests]
-    by_hash: dict[str, OrganismConfig] = {}
-    for c in configs:
-        if c.variant not in FROM_SCRATCH:
-            by_hash.setdefault(config_hash(c.base_config()), c.base_config())
-        by_hash.setdefault(config_hash(c), c)
-    missing = {h: c for h, c in by_hash.items() if check_entry(cache_dir / h, h) is not None}
+    missing = {h: c for h, c in _with_bases(configs).items() if check_entry(cache_dir / h, h) is not None}
     cores = os.cpu_count() or 1
     workers = cores if workers is None else max(1, workers)
     if device != "cpu":
