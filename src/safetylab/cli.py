@@ -299,18 +299,15 @@ def reproduce_cmd(
 
 def _print_plan(planned: list[tuple[Any, Any]], organism_dir: Path, scale: str, as_json: bool) -> None:
     """``reproduce --dry-run``: the organisms the studies need, which are cached, and the rest's training time."""
-    from safetylab.organisms.cache import CPU_FLOPS_PER_S, config_hash, organism_plan
-    from safetylab.organisms.train import FROM_SCRATCH
-    from safetylab.progress import format_duration
+    from safetylab.organisms.cache import CPU_FLOPS_PER_S, organism_plan, with_bases
+    from safetylab.progress import format_duration as duration
 
     requests = {st.name: (st.organisms(cfg) if st.organisms is not None else []) for st, cfg in planned}
     rows = organism_plan([r for rs in requests.values() for r in rs], organism_dir)
     users: dict[str, set[str]] = {}  # organism hash -> the studies that need it (a variant's base included)
     for name, rs in requests.items():
-        for c in (r.config() for r in rs):
-            users.setdefault(config_hash(c), set()).add(name)
-            if c.variant not in FROM_SCRATCH:
-                users.setdefault(config_hash(c.base_config()), set()).add(name)
+        for h in with_bases([r.config() for r in rs]):
+            users.setdefault(h, set()).add(name)
     todo = [r for r in rows if r["status"] != "cached"]
     left = sum(r["seconds_left"] for r in todo)
     cores = os.cpu_count() or 1
@@ -331,18 +328,18 @@ def _print_plan(planned: list[tuple[Any, Any]], organism_dir: Path, scale: str, 
     for r in rows:
         status = {"cached": "cached", "missing": "to train"}.get(r["status"], f"at {r['steps_done']}")
         table.add_row(named[r["hash"]], named.get(r["base"], ""), f"{r['n_params'] / 1e6:.2f}M", str(r["steps"]),
-                      status, "" if r["status"] == "cached" else format_duration(r["seconds_left"]),
+                      status, "" if r["status"] == "cached" else duration(r["seconds_left"]),
                       str(len(users[r["hash"]])))
     console.print(table)
     for s in studies:
         console.print(f"  {s['study']}: {s['organisms']} organisms, {s['to_train']} to train")
     studies_line = ("Study time is not estimated at this scale." if study_seconds is None else
-                    f"The studies then take about {format_duration(study_seconds)} of one core on the reference machine "
-                    f"(their measured quick runs), about {format_duration(study_seconds / cores)} on {cores} cores.")
+                    f"The studies then take about {duration(study_seconds)} of one core on the reference "
+                    f"machine (their measured quick runs), about {duration(study_seconds / cores)} on {cores} cores.")
     console.print(
-        f"To train: {len(todo)} of {len(rows)} organisms, {format_duration(left)} of one CPU core like the reference "
-        f"machine's ({CPU_FLOPS_PER_S / 1e9:.0f} GFLOP/s), about {format_duration(left / cores)} on this machine's {cores} "
-        f"cores, one organism per core. {studies_line} --dry-run: nothing was trained or written.")
+        f"To train: {len(todo)} of {len(rows)} organisms, {duration(left)} of one CPU core like the reference "
+        f"machine's ({CPU_FLOPS_PER_S / 1e9:.0f} GFLOP/s), about {duration(left / cores)} on this machine's "
+        f"{cores} cores, one organism per core. {studies_line} --dry-run: nothing was trained or written.")
 
 
 # --------------------------------------------------------------------------- report / threats

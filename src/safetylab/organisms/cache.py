@@ -324,7 +324,7 @@ def estimated_seconds(config: OrganismConfig, flops_per_s: float = CPU_FLOPS_PER
     return training_flops(config) / flops_per_s
 
 
-def _with_bases(configs: list[OrganismConfig]) -> dict[str, OrganismConfig]:
+def with_bases(configs: list[OrganismConfig]) -> dict[str, OrganismConfig]:
     """Every organism these configs need, by hash: each one and the base a variant is fine-tuned from."""
     by_hash: dict[str, OrganismConfig] = {}
     for c in configs:
@@ -348,7 +348,7 @@ def organism_plan(requests: list[OrganismRequest], cache_dir: Path | None = None
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_organism_dir()
     rows = []
-    for h, c in _with_bases([r.config() for r in requests]).items():
+    for h, c in with_bases([r.config() for r in requests]).items():
         steps = (c.base_train if c.variant in FROM_SCRATCH else c.variant_train).steps
         cached = check_entry(cache_dir / h, h) is None
         done = steps if cached else (checkpoint_step(cache_dir / f".partial-{h}", c) or 0)
@@ -403,7 +403,7 @@ def build_many(
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_organism_dir()
     configs = [r.config() for r in requests]
-    missing = {h: c for h, c in _with_bases(configs).items() if check_entry(cache_dir / h, h) is not None}
+    missing = {h: c for h, c in with_bases(configs).items() if check_entry(cache_dir / h, h) is not None}
     cores = os.cpu_count() or 1
     workers = cores if workers is None else max(1, workers)
     if device != "cpu":
