@@ -297,9 +297,13 @@ def _vocab_size(config: OrganismConfig) -> int:
 def n_params(config: OrganismConfig) -> int:
     """Parameters of the organism's ``LlamaForCausalLM``: untied input and output embeddings, four attention
     projections, the gated MLP's three and two norms per layer, and the final norm."""
+    return _n_params(config, _vocab_size(config))
+
+
+def _n_params(config: OrganismConfig, vocab: int) -> int:
     m = config.model
     d = m.d_model
-    return 2 * _vocab_size(config) * d + m.n_layers * (4 * d * d + 3 * d * m.d_ff + 2 * d) + d
+    return 2 * vocab * d + m.n_layers * (4 * d * d + 3 * d * m.d_ff + 2 * d) + d
 
 
 def training_flops(config: OrganismConfig) -> float:
@@ -310,11 +314,12 @@ def training_flops(config: OrganismConfig) -> float:
     from safetylab.organisms.train import exit_layers
 
     t = config.base_train if config.variant in FROM_SCRATCH else config.variant_train
-    p = n_params(config)
+    vocab = _vocab_size(config)
+    p = _n_params(config, vocab)
     per_token = {"dpo": 16.0 * p, "sft-late": 3.0 * p}.get(config.variant, 6.0 * p)
     if config.variant == "depth-robust":
         n_exits = len(exit_layers(config.model.n_layers)) - 1  # the last exit is the model's own head
-        per_token += 6.0 * _vocab_size(config) * config.model.d_model * n_exits
+        per_token += 6.0 * vocab * config.model.d_model * n_exits
     return per_token * t.steps * t.batch_size * TOKENS_PER_SEQUENCE
 
 
@@ -420,18 +425,19 @@ def build_many(
         h = config_hash(c.base_config())
         return h if h in missing else None
 
-    def cost(c: OrganismConfig) -> tuple[bool, float]:
-        """Longest first: from-scratch stages unblock their variants and take the longest."""
-        return (c.variant in FROM_SCRATCH, training_flops(c))
-
     # The bar advances by each organism's share of the estimated work, in percent, so that
     # its estimate of the time left is not thrown off by a base taking eight variants' time.
     work = {h: training_flops(c) for h, c in missing.items()}
     share = {h: 100.0 * w / sum(work.values()) for h, w in work.items()}
+
+    def cost(h: str) -> tuple[bool, float]:
+        """Longest first: from-scratch stages unblock their variants and take the longest."""
+        return (missing[h].variant in FROM_SCRATCH, work[h])
+
     label = f"training {len(missing)} organisms ({n} at a time)"
     with bar(label, 100.0, quiet=quiet, unit="percent of the estimated work") as advance:
         if n == 1:  # one process with every core; bases come first
-            for h, c in sorted(missing.items(), key=lambda hc: cost(hc[1]), reverse=True):
+            for h, c in sorted(missing.items(), key=lambda hc: cost(hc[0]), reverse=True):
                 build(c, cache_dir, quiet=quiet, num_threads=None if device != "cpu" else cores, device=device)
                 advance(share[h])
             return [cache_dir / config_hash(c) for c in configs]
@@ -442,7 +448,7 @@ def build_many(
             running: dict[Any, str] = {}
             while todo or running:
                 ready = sorted((h for h, c in todo.items() if waiting_on(c) is None),
-                               key=lambda h: cost(todo[h]), reverse=True)
+                               key=cost, reverse=True)
                 for h in ready[: n - len(running)]:
                     running[pool.submit(_build_one, todo.pop(h), cache_dir, threads, device)] = h
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
