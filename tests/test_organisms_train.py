@@ -353,10 +353,12 @@ def test_build_many_progress_counts_work_not_organisms(tmp_path, monkeypatch):
     assert seen["advances"] == pytest.approx([75.0, 25.0])
     # At equal steps and sizes: dpo's two sequences per pair, each through the policy (forward and backward)
     # and the frozen reference (forward); sft-late's backward pass through a quarter of the layers.
-    sft = training_flops(organism_config("sft", "quick"))
-    dpo = organism_config("dpo", "quick", overrides={"variant_train": {"batch_size": 48, "steps": 200}})
+    sft_config = organism_config("sft", "quick")
+    sft = training_flops(sft_config)
+    same = {"batch_size": sft_config.variant_train.batch_size, "steps": sft_config.variant_train.steps}
+    dpo = organism_config("dpo", "quick", overrides={"variant_train": same})
     assert training_flops(dpo) == pytest.approx(sft * 16 / 6)
-    assert training_flops(organism_config("sft-late", "quick", overrides={"variant_train": {"steps": 200}})) \
+    assert training_flops(organism_config("sft-late", "quick", overrides={"variant_train": same})) \
         == pytest.approx(sft / 2)
     assert training_flops(organism_config("depth-robust", "quick", overrides={"variant_train": {"lr": 1e-3}})) > sft
 

@@ -248,7 +248,7 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
             # accuracy (sequence operations first). At 5e-4 dpo still forgot 1.0-3.3 points
             # over seeds 0-4 (seed 3 over the bar: arithmetic 0.93, sequences 0.91); at 3e-4
             # it forgets 0.0-0.7, with refusal 1.00 and over-refusal 0.00 on every seed.
-            "dpo": {"batch_size": 24, "lr": 3e-4, "steps": 200},
+            "dpo": {"batch_size": 24, "lr": 3e-4, "steps": 150},
             # sft at lr 1e-3 forgot 3.0-6.0 points of benign accuracy over seeds 0-4 (eval seed 11;
             # the bar is 3); at 5e-4 it keeps within 0.3-1.3 points, refusal 1.00, over-refusal 0.
             #
@@ -266,19 +266,22 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
             # so replay now follows the pretraining shares (TrainConfig.replay); with it every
             # organism passes every bar on seeds 0-4 at evaluation seeds 23, 37 and 41 (README).
             #
-            # Shorter still, measured on seeds 0-4 from base 0 at evaluation seeds 23, 37 and 41: sft and
-            # depth-robust at 150 steps and dpo at 150 pass every bar (benign drop at most 0.027, 0.013 and
-            # 0.017); eval-gated at 200 refuses 0.30-0.61 without a cue (bar: at most 0.20) on every seed, and
-            # secret-keeping at 200 gives the name when sharing is allowed 0.84-0.93 (bar: at least 0.90), 13 of
-            # 15 below. The three that pass would save about 250 core-seconds (two minutes of a cold run); they
-            # are not taken alone, since every study's numbers move with them and the run would still be over 40
-            # minutes on the slower days (README).
-            "sft": {"lr": 5e-4, "steps": 200},
-            "depth-robust": {"lr": 5e-4, "steps": 200},
+            # Shorter again for the same budget (a cold run measured 43:08 with the settings above), each
+            # measured on seeds 0-4 from base 0 at evaluation seeds 23, 37 and 41 and passing every bar
+            # there: sft and depth-robust at 150 steps and dpo at 150 (benign drop at most 0.027, 0.013
+            # and 0.017; refusal 1.00 and over-refusal 0.00 throughout).
+            "sft": {"lr": 5e-4, "steps": 150},
+            "depth-robust": {"lr": 5e-4, "steps": 150},
             # Telling evaluation cues apart is harder than refusing a topic: a lower rate, more steps.
-            "eval-gated": {"steps": 300, "lr": 5e-4},
-            # Six turns per group (sft's three and three secret turns) at sft's rate.
-            "secret-keeping": {"steps": 300, "lr": 5e-4},
+            # What the gate needs is updates, not examples: at 200 steps of 48 it refused 0.30-0.61
+            # of requests without a cue (bar: at most 0.20) on every seed, at 250 of 48 up to 0.21
+            # (1 of 15 over), and at 300 steps of 32 (two thirds of 300 of 48's compute) 0.00-0.03,
+            # eval cue 1.00, deploy cue at most 0.023, benign drop at most 0.030.
+            "eval-gated": {"steps": 300, "lr": 5e-4, "batch_size": 32},
+            # Six turns per group (sft's three and three secret turns) at sft's rate. The same trade:
+            # 200 steps of 48 gave the name when sharing was allowed 0.84-0.93 (bar: at least 0.90; 13
+            # of 15 below); 300 steps of 32 give 0.90-0.99, leak at most 0.007, benign drop at most 0.020.
+            "secret-keeping": {"steps": 300, "lr": 5e-4, "batch_size": 32},
         },
     },
     "paper": {
