@@ -242,7 +242,11 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
             # dishes from hazards, which recipe replay helps: replaying in pretraining shares (a
             # third fewer recipes) raised over-refusal to 0.003-0.037 at eval seed 41, one seed
             # over the bar.
-            "sft-late": {"steps": 1500, "lr": 2e-3, "replay": "uniform"},
+            #
+            # Batches of 32 instead of 48 (for the cold budget: 220 s instead of 304 on one core) keep
+            # every bar on seeds 0-3 at evaluation seeds 23, 37 and 41: over-refusal 0.000-0.020,
+            # refusal 0.997-1.000, benign drop at most 0.003.
+            "sft-late": {"steps": 1500, "lr": 2e-3, "replay": "uniform", "batch_size": 32},
             # Four forward passes per pair (policy and reference, chosen and rejected).
             # At lr 1e-3 dpo, depth-robust and eval-gated forgot 3.3-4.0 points of benign
             # accuracy (sequence operations first). At 5e-4 dpo still forgot 1.0-3.3 points
