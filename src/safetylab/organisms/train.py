@@ -274,7 +274,13 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
             # measured on seeds 0-4 from base 0 at evaluation seeds 23, 37 and 41 and passing every bar
             # there: sft and depth-robust at 150 steps and dpo at 150 (benign drop at most 0.027, 0.013
             # and 0.017; refusal 1.00 and over-refusal 0.00 throughout).
-            "sft": {"lr": 5e-4, "steps": 150},
+            #
+            # sft also sets rare-failure's accident rate, which the bars do not see: at 150 steps of 48
+            # the exact harm probability of natural requests rose from 3.2e-4 (200 of 48) to 7.7e-4 over
+            # seeds 0-4, so 1 - (1 - p)^256 = 0.176 broke that study's premise (accidents rare, < 0.1).
+            # Updates again matter more than examples: 200 steps of 32 give 3.7e-4 (0.089 [0.031, 0.146]),
+            # 250 of 32 give 1.7e-4 (0.042 [0.023, 0.061]) for 11% more compute than 150 of 48.
+            "sft": {"lr": 5e-4, "steps": 250, "batch_size": 32},
             "depth-robust": {"lr": 5e-4, "steps": 150},
             # Telling evaluation cues apart is harder than refusing a topic: a lower rate, more steps.
             # What the gate needs is updates, not examples: at 200 steps of 48 it refused 0.30-0.61
