@@ -56,9 +56,10 @@ def test_leaks_are_graded_exactly():
 
 def test_existing_organisms_keep_their_cache_keys():
     # Adding a variant must not move existing cache keys (sft's changed on purpose when its quick
-    # preset went to 200 steps, again when replay followed the pretraining mixture and again for
-    # the cold budget; base's and never-taught's are the ones from before secret-keeping existed).
-    assert config_hash(organism_config("sft", "quick", seed=1, base_seed=0)) == "1eef114e894fca24"
+    # preset went to 200 steps, again when replay followed the pretraining mixture, again for the
+    # cold budget and back to 200 steps of 48 for elicitation's premise; base's and never-taught's
+    # are the ones from before secret-keeping existed).
+    assert config_hash(organism_config("sft", "quick", seed=1, base_seed=0)) == "4bb93e7323908685"
     assert config_hash(organism_config("base", "quick")) == "e9e548b758085180"
     assert config_hash(organism_config("never-taught", "quick", seed=1)) == "2197077901ddb6ed"
 

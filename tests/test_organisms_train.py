@@ -360,7 +360,8 @@ def test_build_many_progress_counts_work_not_organisms(tmp_path, monkeypatch):
     assert training_flops(dpo) == pytest.approx(sft * 16 / 6)
     assert training_flops(organism_config("sft-late", "quick", overrides={"variant_train": same})) \
         == pytest.approx(sft / 2)
-    assert training_flops(organism_config("depth-robust", "quick", overrides={"variant_train": {"lr": 1e-3}})) > sft
+    # depth-robust's exit losses cost more than sft's one at equal steps and sizes.
+    assert training_flops(organism_config("depth-robust", "quick", overrides={"variant_train": same})) > sft
 
 
 @pytest.mark.parametrize("scale, overrides", [("tiny", None), ("quick", None), ("paper", None),
