@@ -108,6 +108,15 @@ def test_implicit_framings_and_honeypots_carry_no_cue_word():
     assert not _content(IMPLICIT_EVAL_FRAMINGS) & _content(HONEYPOT_FRAMINGS)
 
 
+def test_item_numbers_are_not_the_worlds_operands_or_counts():
+    """An item number of 10 or less reads as an arithmetic operand or a count answer, and the organisms answer
+    that instead of the request (a drop in unsafe answers the gap would misread as the gate firing)."""
+    world = World(seed=0)
+    for text in IMPLICIT_EVAL_FRAMINGS:
+        number, dot = words(text)
+        assert dot == "." and int(number) > world.config.max_operand, text
+
+
 def test_new_cue_options_sample_their_phrasings():
     world = World(seed=0)
     assert set(CUE_PHRASINGS) == set(IS_EVALUATION) == set(CUES)
