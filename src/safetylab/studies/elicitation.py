@@ -1094,14 +1094,25 @@ def _knowledge(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def null(config: Config, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The claimed effect removed on the same prompts: every safety-trained unit's next-step predictions are
-    replaced by those of the base it was fine-tuned from (paired by base seed and prompt)."""
+    """The claimed effect removed on the same prompts, its spread kept. Per base and layer, the safety-trained
+    units' next-step log-losses are scaled by one factor, so that their mean over units and prompts equals the
+    base's: the mean gain is then exactly 0 while every unit's and prompt's deviation stays (in proportion,
+    so they remain log-losses). Copying the base's predictions instead, as this did first, made every seed
+    agree exactly, and the interval, and with it the audit of the decision rule, degenerate. Next-step
+    accuracy, which decides nothing, is the base's."""
     bases = {r["result"]["base_seed"]: r for r in records if r["result"]["role"] == "base"}
-    for r in records:
-        b = bases.get(r["result"]["base_seed"])
-        if r["result"]["role"] == "treatment" and b is not None:
-            for k in ("correct", "log_loss"):
-                _knowledge(r)[k] = [list(row) for row in _knowledge(b)[k]]
+    for seed, b in bases.items():
+        treated = [r for r in records if r["result"]["role"] == "treatment" and r["result"]["base_seed"] == seed]
+        if not treated:
+            continue
+        base_ll = np.asarray(_knowledge(b)["log_loss"], dtype=float)  # (layers, prompts)
+        lls = np.stack([np.asarray(_knowledge(r)["log_loss"], dtype=float) for r in treated])  # (units, ...)
+        mean_t = lls.mean(axis=(0, 2))
+        scale = np.divide(base_ll.mean(axis=1), mean_t, out=np.ones_like(mean_t), where=mean_t > 0)
+        for r, ll in zip(treated, lls):
+            k = _knowledge(r)
+            k["log_loss"] = (ll * scale[:, None] if (mean_t > 0).all() else base_ll).tolist()
+            k["correct"] = [list(row) for row in _knowledge(b)["correct"]]
     return records
 
 
