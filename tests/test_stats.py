@@ -51,6 +51,8 @@ def test_bootstrap_is_deterministic_and_covers_the_mean():
 def test_format_interval():
     assert format_interval(0.8234, 0.71, 0.9) == "0.82 [0.71, 0.90]"
     assert format_interval(None, math.nan, 1.0) == "– [–, 1.00]"
+    assert format_interval(-1e-17, -0.159, 0.159, 3) == "0.000 [-0.159, 0.159]"  # no '-0.000'
+    assert format_interval(-0.0004, -0.0004, 0.0) == "0.00 [0.00, 0.00]"
 
 
 # --------------------------------------------------------------------------- the verdict protocol's intervals

@@ -267,10 +267,13 @@ def paired_difference_interval(
 
 
 def format_interval(est: float | None, lo: float | None, hi: float | None, digits: int = 2) -> str:
-    """'0.82 [0.71, 0.90]'; missing parts as '–'."""
+    """'0.82 [0.71, 0.90]'; missing parts as '–'; a value that rounds to zero prints unsigned (not '-0.000')."""
 
     def f(v: float | None) -> str:
-        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "–"
+        text = f"{v:.{digits}f}"
+        return text[1:] if text.startswith("-") and float(text) == 0 else text
 
     return f"{f(est)} [{f(lo)}, {f(hi)}]"
 
