@@ -1107,11 +1107,12 @@ def null(config: Config, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         base_ll = np.asarray(_knowledge(b)["log_loss"], dtype=float)  # (layers, prompts)
         lls = np.stack([np.asarray(_knowledge(r)["log_loss"], dtype=float) for r in treated])  # (units, ...)
-        mean_t = lls.mean(axis=(0, 2))
-        scale = np.divide(base_ll.mean(axis=1), mean_t, out=np.ones_like(mean_t), where=mean_t > 0)
-        for r, ll in zip(treated, lls):
+        mean_t = lls.mean(axis=(0, 2))  # (layers,)
+        # A layer where every treatment is certain (mean 0) cannot be scaled: then the base's copy, as before.
+        nulled = lls * (base_ll.mean(axis=1) / mean_t)[:, None] if (mean_t > 0).all() else [base_ll] * len(lls)
+        for r, ll in zip(treated, nulled):
             k = _knowledge(r)
-            k["log_loss"] = (ll * scale[:, None] if (mean_t > 0).all() else base_ll).tolist()
+            k["log_loss"] = ll.tolist()
             k["correct"] = [list(row) for row in _knowledge(b)["correct"]]
     return records
 
