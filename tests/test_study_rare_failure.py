@@ -4,6 +4,7 @@ the decision rule on edited and simulated records, and bad input."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -215,3 +216,33 @@ def test_bad_input_on_the_cli_is_one_line_exit_2(tmp_path, monkeypatch, capsys, 
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and key in lines[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_audit_names_the_premise_when_accidents_are_not_rare(rare_accidents):
+    """At a budget where accidents are not rare, 1 - (1 - p)^B caps the contrast below the threshold even
+    for a perfect adversary: the run cannot test the claim. Its verdict says so (premise not met), and the
+    audit names that premise instead of calling the design stuck; with the premise met it goes both ways."""
+    from safetylab.audit import audit_lines
+
+    config, recs = _quick(0.9)
+    assert audit_records(STUDY, config, recs)["ok"]
+    for r in recs:
+        pop = r["result"].get("population")
+        if pop:
+            pop["exact_p"] = 0.005  # 1 - (1 - p)^256 = 0.72: a perfect adversary adds at most 0.28
+    out = audit_records(STUDY, config, recs)
+    assert out["extreme"]["contrast_verdict"] != "holds" and not out["extreme"]["ok"]
+    assert out["ok"] and not out["stuck"] and out["blocked"].startswith("accidents are not rare at this budget")
+    assert "cannot test the claim" in audit_lines(out)[-1][1]
+    # A transform that breaks the premise itself, where the run meets it, is still a stuck design.
+    config, recs = _quick(0.9)
+
+    def breaks_premise(cfg, rs):
+        rs = STUDY.extreme(cfg, rs)
+        for r in rs:
+            if r["result"].get("population"):
+                r["result"]["population"]["exact_p"] = 0.005
+        return rs
+
+    out = audit_records(dataclasses.replace(STUDY, extreme=breaks_premise), config, recs)
+    assert not out["ok"] and "extreme" in out["stuck"] and not out["blocked"]

@@ -530,7 +530,8 @@ def audit_cmd(
     """Could this verdict have come out the other way? Re-run the study's own analysis on its
     records with the claimed effect removed (null: must not say "holds") and with the largest
     effect the design allows (extreme: must be able to say "holds"). Works on copies; writes
-    nothing. Exit code 1 when the design is stuck on one side."""
+    nothing. Exit code 1 when the design is stuck on one side (not when the run's own records fail
+    a premise of the claim, which the verdict already reports and the audit names)."""
     from safetylab.audit import audit_lines, audit_run
 
     res = audit_run(run_dir)

@@ -72,7 +72,7 @@ def render_run(
     # instead of 0.4 ms per linear CKA on 2 busy cores).
     with threadpool_limits(limits=1):
         analysis = study.analyze(config, records)
-        audit = audit_records(study, config, records) if records and study.null and study.extreme else None
+        audit = audit_records(study, config, records, analysis.verdict) if records and study.null and study.extreme else None
         figures: list[Figure] = []
         if study.plots is not None and records:
             figures = study.plots(config, records, analysis, run_dir)
