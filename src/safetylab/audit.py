@@ -26,7 +26,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from safetylab.claims import Verdict, VerdictRecord
+from safetylab.claims import PREMISE_NOT_MET, Verdict, VerdictRecord
 from safetylab.errors import UserError
 from safetylab.study import Study, StudyConfig
 
@@ -51,13 +51,10 @@ def _outcome(study: Study, config: StudyConfig, records: list[dict[str, Any]], w
             "premises": _premises_not_met(v.reason)}
 
 
-PREMISE = "premise not met: "
-
-
 def _premises_not_met(reason: str) -> list[str]:
-    """The premises a verdict's reason names as not met (``claims.decide`` states each as
-    'premise not met: ...', joined with the other reasons by '; ')."""
-    return [part[len(PREMISE):] for part in reason.split("; ") if part.startswith(PREMISE)]
+    """The premises a verdict's reason names as not met (``claims.decide`` states each after
+    :data:`PREMISE_NOT_MET`, joined with the other reasons by '; ')."""
+    return [part[len(PREMISE_NOT_MET):] for part in reason.split("; ") if part.startswith(PREMISE_NOT_MET)]
 
 
 def audit_records(study: Study, config: StudyConfig, records: list[dict[str, Any]],

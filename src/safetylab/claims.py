@@ -71,6 +71,11 @@ Cell = tuple[str, str, str]
 """One cell of the grid: (user population, adversary tier, asset)."""
 
 
+PREMISE_NOT_MET = "premise not met: "
+"""How a verdict's reason states each premise of the claim that the run's records do not meet
+(:func:`decide`); :mod:`safetylab.audit` reads them back."""
+
+
 class Verdict(str, Enum):
     HOLDS = "holds"
     DOES_NOT_HOLD = "does not hold"
@@ -480,7 +485,7 @@ def decide(claim: Claim, evidence: Evidence, *, confidence: float = 0.95) -> Dec
             arm = max((a for a in arms if sides[a] is Verdict.INCONCLUSIVE), key=lambda a: sign * arms[a].estimate)
     chosen = arms.get(arm) if arm is not None else None
     raw = _side(claim, chosen) if chosen is not None else Verdict.INCONCLUSIVE
-    reasons = [f"premise not met: {p}" for p in evidence.premises if p]
+    reasons = [f"{PREMISE_NOT_MET}{p}" for p in evidence.premises if p]
     failed = [c.name for c in controls if c.status == "fail"]
     missing = [c.name for c in controls if c.status == "not run"]
     if failed:
