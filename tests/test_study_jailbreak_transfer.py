@@ -41,6 +41,12 @@ def test_tiny_run_measures_every_target_on_the_training_requests(tiny_run):
     assert set(src["universality"]) == {"heldout_templates", "heldout_hazards"}
     g = src["gcg"]["gcg"]
     assert g["n_active"][0] == 1 and g["n_active"] == sorted(g["n_active"])  # progressive: requests join in turn
+    # The convergence curve: one count per step, never more than the requests in the objective, and every target
+    # met at the step the search converged.
+    assert len(g["targets_met"]) == g["n_steps"] == len(g["losses"])
+    assert all(0 <= met <= active for met, active in zip(g["targets_met"], g["n_active"]))
+    if g["converged_step"] is not None:
+        assert g["targets_met"][g["converged_step"] - 1] == 8
     base = records[0]["result"]["models"]
     assert not any(base["sft@0"]["no_suffix"])  # the sft organism refuses the bare requests
     assert not any(base["never-taught@0"]["prefill"])  # it cannot continue a procedure it never learned
@@ -58,6 +64,17 @@ def test_tiny_run_measures_every_target_on_the_training_requests(tiny_run):
     assert {r[0] for r in defence.rows} == {"none", "perplexity filter", "re-templating", "depth-robust organism"}
     if analysis.verdict.verdict is Verdict.INCONCLUSIVE:
         assert analysis.verdict.reason  # always says why
+
+
+def test_report_plots_each_sources_convergence(tiny_run, tmp_path):
+    config, records, analysis = tiny_run
+    figures = STUDY.plots(config, records, analysis, tmp_path)
+    assert figures[0].path == "gcg_convergence.png" and (tmp_path / "gcg_convergence.png").stat().st_size > 0
+    old = json.loads(json.dumps(records))
+    for r in old[1:]:
+        r["result"]["gcg"]["gcg"].pop("targets_met")  # records from before the trace was kept
+    (tmp_path / "old").mkdir()
+    assert "gcg_convergence.png" not in [f.path for f in STUDY.plots(config, old, analysis, tmp_path / "old")]
 
 
 def test_tiny_run_audit_goes_both_ways(tiny_run):
@@ -83,6 +100,26 @@ def test_targets_are_classed_by_where_their_weights_come_from():
     paper = STUDY.resolve_config("paper")
     assert not paper.shared_base and _arm(paper, "sft@0", "sft@1") == "sft"  # each seed pretrained apart
     assert _arm(paper, "sft@0", "dpo@0") == "dpo" + SAME_BASE and _arm(paper, "sft@1", "dpo@0") == "dpo"
+
+
+def test_architecture_targets_are_smaller_than_their_source_at_every_organism_scale():
+    # Paper organisms (12 layers, width 256): half the depth, half the width; the digests stay those of the
+    # explicit overrides the paper design had.
+    paper = STUDY.resolve_config("paper")
+    assert paper.arch_overrides("sft-small") == {"model": {"n_layers": 6}}
+    assert paper.arch_overrides("sft-narrow") == {"model": {"d_model": 128, "n_heads": 4, "d_ff": 384}}
+    # The paper design on quick organisms (8 layers, width 128) halves those, not the paper sizes: a fixed
+    # 'narrow' of width 128 would have been the source's own width with a wider feed-forward layer.
+    mixed = STUDY.resolve_config("paper", {"organism_scale": "quick"})
+    assert mixed.arch_overrides("sft-small") == {"model": {"n_layers": 4}}
+    assert mixed.arch_overrides("sft-narrow") == {"model": {"d_model": 64, "n_heads": 2, "d_ff": 128}}
+    for config in (paper, mixed, STUDY.resolve_config("quick")):
+        src = config.request("sft", 0).config()
+        for kind in ("sft-small", "sft-narrow"):
+            tgt = config.request("sft", 0, overrides=config.arch_overrides(kind)).config()
+            assert tgt.model.n_layers * tgt.model.d_model < src.model.n_layers * src.model.d_model
+    with pytest.raises(ValueError, match="narrow_overrides .* source's own architecture"):
+        STUDY.resolve_config("paper", {"narrow_overrides": {"model": {"d_model": 256}}})
 
 
 def test_old_config_names_still_work():

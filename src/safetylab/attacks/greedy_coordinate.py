@@ -140,6 +140,9 @@ class GCGResult:
     """Requests in the objective at each step (all of them unless ``progressive``)."""
     exact_fraction: float | None = None
     """Fraction of (model, request) pairs whose target the best suffix makes greedy decoding emit exactly."""
+    targets_met: list[float] = field(default_factory=list)
+    """Targets (model, request pairs in the objective) that each step's best candidate makes greedy decoding emit
+    exactly: the convergence curve behind ``converged_step``."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -277,6 +280,7 @@ def gcg(
     best = buffer[0]
     losses: list[float] = []
     n_active: list[int] = []
+    met_trace: list[float] = []
     scored = 1
     early = False
     converged: int | None = None
@@ -307,6 +311,7 @@ def gcg(
         entry = entry_of(obj, exact, nll, cands, i, n_met)
         losses.append(entry[0])
         n_active.append(active)
+        met_trace.append(entry[5])
         if rank(entry) > rank(best):
             best = entry
         if config.buffer_size == 0:
@@ -333,7 +338,8 @@ def gcg(
         suffix_ids=ids, suffix=first.decode(ids), best_loss=best[0], losses=losses, n_steps=steps,
         early_stopped=early, success=bool(final_exact[0]), model_calls=calls, sequences_scored=scored,
         wall_seconds=wall, seconds_per_step=wall / max(steps, 1), suffix_nll=best[3], config=asdict(config),
-        converged_step=converged, n_active=n_active, exact_fraction=float(n_exact[0]) / len(jobs))
+        converged_step=converged, n_active=n_active, exact_fraction=float(n_exact[0]) / len(jobs),
+        targets_met=met_trace)
 
 
 def random_suffix(target: ChatTarget, length: int, rng: np.random.Generator,

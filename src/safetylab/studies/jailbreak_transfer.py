@@ -90,11 +90,12 @@ class Config(OrganismStudyConfig):
     targets: list[str] = Field(default_factory=lambda: ["sft", "dpo", "depth-robust", "sft-small", "sft-narrow",
                                                         "never-taught"])
     """Target kinds: the source variant = every source seed; other kinds at base_seed."""
-    small_overrides: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"model": {"n_layers": 6}})
-    """Organism config overrides that make 'sft-small' (fewer layers; its own base)."""
-    narrow_overrides: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"model": {"d_model": 128, "n_heads": 4, "d_ff": 384}})
-    """Organism config overrides that make 'sft-narrow' (a narrower model; its own base)."""
+    small_overrides: dict[str, dict[str, Any]] | None = None
+    """Organism config overrides that make 'sft-small' (fewer layers; its own base). None: half the source's layers
+    at ``organism_scale`` (6 of 12 for paper organisms)."""
+    narrow_overrides: dict[str, dict[str, Any]] | None = None
+    """Organism config overrides that make 'sft-narrow' (a narrower model; its own base). None: half the source's
+    width, heads and feed-forward size at ``organism_scale`` (128, 4 and 384 for paper organisms)."""
     n_train: int = Field(25, ge=1)
     """Requests the universal suffix is optimised over, cycling through every covered hazard (training
     templates); the transfer contrast is measured on them. Zou et al.: 25."""
@@ -157,9 +158,14 @@ class Config(OrganismStudyConfig):
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"targets lists one twice ({self.targets}); list each once")
         for name in ("small_overrides", "narrow_overrides"):
-            unknown = set(getattr(self, name)) - {"model", "world", "base_train", "variant_train"}
+            unknown = set(getattr(self, name) or {}) - {"model", "world", "base_train", "variant_train"}
             if unknown:
                 raise ValueError(f"{name}: unknown section(s) {sorted(unknown)}; use model, base_train, variant_train")
+        source = self.source_model()
+        for kind, name in (("sft-small", "small_overrides"), ("sft-narrow", "narrow_overrides")):
+            if kind in self.targets and {**source, **self.arch_overrides(kind)["model"]} == source:
+                raise ValueError(f"{name} {getattr(self, name)} give the source's own architecture {source}, so "
+                                 f"'{kind}' would not be another architecture; change a model size there")
         if self.real_models:
             from safetylab.lm.load import source_kind
 
@@ -172,6 +178,24 @@ class Config(OrganismStudyConfig):
                 raise ValueError("real_models need their harmful prompts: give --prompts (JSONL/CSV/JSON/TXT or a HF "
                                  "dataset) and --prompt-column")
         return self
+
+    def source_model(self) -> dict[str, Any]:
+        """The source organisms' model sizes (``organism_scale``'s preset)."""
+        from safetylab.organisms.train import SCALE_PRESETS
+
+        return dict(SCALE_PRESETS[self.organism_scale]["model"])
+
+    def arch_overrides(self, kind: str) -> dict[str, dict[str, Any]]:
+        """Organism overrides of an architecture target: the user's, else half the source's depth (sft-small) or
+        width (sft-narrow)."""
+        given = self.small_overrides if kind == "sft-small" else self.narrow_overrides
+        if given is not None:
+            return {"model": {}, **given}
+        m = self.source_model()
+        if kind == "sft-small":
+            return {"model": {"n_layers": max(1, m["n_layers"] // 2)}}
+        return {"model": {"d_model": m["d_model"] // 2, "n_heads": max(1, m["n_heads"] // 2),
+                          "d_ff": m["d_ff"] // 2}}
 
     def source_names(self) -> list[str]:
         return [f"{self.source_variant}@{s}" for s in self.organism_seed_list()]
@@ -267,7 +291,7 @@ ARCH_KINDS = ("sft-small", "sft-narrow")
 
 
 def _overrides(config: Config, kind: str) -> dict[str, Any] | None:
-    return {"sft-small": config.small_overrides, "sft-narrow": config.narrow_overrides}.get(kind)
+    return config.arch_overrides(kind) if kind in ARCH_KINDS else None
 
 
 def _organism_request(config: Config, name: str) -> Any:
@@ -865,8 +889,8 @@ def _notes(config: Config) -> list[str]:
         f"The transfer contrast uses the training requests themselves; universality rows use "
         f"{config.n_heldout_templates} held-out-template and {config.n_heldout_hazards} held-out-hazard requests on "
         f"the source; {config.n_random_suffixes} random suffixes per source are the baseline.",
-        f"sft-small = the sft recipe on a model with overrides {config.small_overrides}; sft-narrow = with "
-        f"{config.narrow_overrides}; each pretrained from its own base (same world and tokenizer).",
+        f"sft-small = the sft recipe on a model with overrides {config.arch_overrides('sft-small')}; sft-narrow = "
+        f"with {config.arch_overrides('sft-narrow')}; each pretrained from its own base (same world and tokenizer).",
         f"Adaptive attack: GCG with the suffix's mean NLL under the source added with weight "
         f"{config.perplexity_weight:g}.",
         f"Perplexity filter threshold: the {1 - config.filter_fpr:.0%} quantile of {config.n_benign // 2} benign "
@@ -882,12 +906,13 @@ def plots(config: Config, records: list[dict[str, Any]], analysis: Analysis, out
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    figures = _convergence_plot(config, records, out_dir, plt)
     m = analysis.metrics
     prefix = "transfer/success_minus_random/"
     items = [(k[len(prefix):], v) for k, v in m.items() if k.startswith(prefix) and v is not None]
     items = [(k, v) for k, v in items if (v.get("estimate") if isinstance(v, dict) else v.estimate) is not None]
     if not items:
-        return []
+        return figures
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(items) + 1.5))
     for y, (label, v) in enumerate(items):
         d = v if isinstance(v, dict) else v.to_dict()
@@ -903,9 +928,38 @@ def plots(config: Config, records: list[dict[str, Any]], analysis: Analysis, out
     fig.tight_layout()
     fig.savefig(Path(out_dir) / "transfer_by_kind.png", dpi=150)
     plt.close(fig)
-    return [Figure(path="transfer_by_kind.png", caption=(
+    return figures + [Figure(path="transfer_by_kind.png", caption=(
         "GCG minus random-suffix success per target kind (source, same-base kinds, independently pretrained kinds, "
         "never-taught), 95% intervals over source seeds x hazards; the dashed line is the claim's threshold."))]
+
+
+def _convergence_plot(config: Config, records: list[dict[str, Any]], out_dir: Path, plt: Any) -> list[Figure]:
+    """Each source's GCG trace: training targets met and the objective, step by step (whether the search converged,
+    plateaued or ran out of budget)."""
+    traces = [(r["result"]["source"], attack, g) for r in records if r.get("result", {}).get("kind") == "source"
+              for attack, g in r["result"]["gcg"].items() if g.get("targets_met")]
+    if not traces:
+        return []
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    for i, (source, attack, g) in enumerate(traces):
+        steps = np.arange(1, len(g["targets_met"]) + 1)
+        style = dict(color=f"C{i % 10}", ls="-" if attack == "gcg" else ":", label=f"{source} {attack}")
+        top.plot(steps, np.asarray(g["targets_met"]) / config.n_train, **style)
+        bottom.plot(steps, g["losses"], **style)
+    top.set_ylabel("training targets met")
+    top.set_ylim(-0.02, 1.02)
+    bottom.set_ylabel("objective (nats per token)")
+    bottom.set_xlabel("GCG step")
+    top.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "gcg_convergence.png", dpi=150)
+    plt.close(fig)
+    return [Figure(path="gcg_convergence.png", caption=(
+        f"Each source's universal suffix search over {config.n_train} training requests: the fraction of training "
+        "targets the step's best suffix makes greedy decoding emit exactly (top; of those in the objective when "
+        "progressive) and its objective (bottom); "
+        "dotted lines are the adaptive attack. A search that reaches 1 converged; a flat line short of it ran "
+        "out of ideas before its step budget."))]
 
 
 # --------------------------------------------------------------------------- calibration
