@@ -958,8 +958,8 @@ def _convergence_plot(config: Config, records: list[dict[str, Any]], out_dir: Pa
         f"Each source's universal suffix search over {config.n_train} training requests: the fraction of training "
         "targets the step's best suffix makes greedy decoding emit exactly (top; of those in the objective when "
         "progressive) and its objective (bottom); "
-        "dotted lines are the adaptive attack. A search that reaches 1 converged; a flat line short of it ran "
-        "out of ideas before its step budget."))]
+        "dotted lines are the adaptive attack. A search that reaches 1 converged; a flat line short of it stalled "
+        "before its step budget ran out."))]
 
 
 # --------------------------------------------------------------------------- calibration
