@@ -111,6 +111,28 @@ def test_reproduce_dry_run_lists_the_organisms_to_train_and_writes_nothing(works
     assert code == 2 and len(err.strip().splitlines()) == 1 and "seed" in err
 
 
+def test_run_dry_run_plans_one_study_with_the_users_config(workspace, capsys):
+    """`run STUDY --dry-run` is the one-study plan, with the user's own --set applied; the measured study time
+    belongs to the default config, so a changed config is not given it."""
+    before = snapshot(workspace)
+    code, out, _ = run_cli(["run", "jailbreak-transfer", "--dry-run", "--json", "--cache-dir", "cache"], capsys)
+    assert code == 0
+    plain = json.loads(out)
+    code, out, _ = run_cli(["reproduce", "--only", "jailbreak-transfer", "--dry-run", "--json", "--cache-dir",
+                            "cache"], capsys)
+    assert json.loads(out) == plain and plain["study_one_core_seconds"] > 0
+    code, out, _ = run_cli(["run", "jailbreak-transfer", "--dry-run", "--json", "--cache-dir", "cache",
+                            "--set", "organism_seeds=2"], capsys)
+    fewer = json.loads(out)
+    # Five sft sources from one base, plus dpo, depth-robust, never-taught and sft-narrow (with its own base).
+    assert [r["variant"] for r in plain["organisms"]].count("sft") == 6  # 5 sources + sft-narrow
+    assert [r["variant"] for r in fewer["organisms"]].count("sft") == 3
+    assert fewer["study_one_core_seconds"] is None and fewer["to_train"] == plain["to_train"] - 3
+    assert snapshot(workspace) == before and not (workspace / "cache").exists() and not (workspace / "runs").exists()
+    code, _, err = run_cli(["run", "jailbreak-transfer", "--dry-run", "--set", "gcg_steps=0"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "gcg_steps" in err
+
+
 def test_threats_json_on_empty_folder(tmp_path, capsys):
     code, out, _ = run_cli(["threats", "--runs", str(tmp_path), "--json"], capsys)
     assert code == 0

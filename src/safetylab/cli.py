@@ -147,6 +147,10 @@ def run_cmd(
     device: str = typer.Option("cpu", help="torch device for studies that use one (cpu, cuda)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON at the end."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Check the config and list the organisms this run needs: cached, resumable or to "
+                                 "train, with the training time each would take on one CPU core. Trains and writes "
+                                 "nothing."),
 ) -> None:
     """Run one study (or resume one) and write its report.
 
@@ -167,6 +171,21 @@ def run_cmd(
         existing, _, _ = load_run(resume)
         if study is not None and study != existing.name:
             raise UserError(f"{resume} is a run of '{existing.name}', not '{study}'; drop the study name or pick its run")
+    if dry_run:
+        from safetylab.registry import get_study
+        from safetylab.runs import resolve_config
+        from safetylab.study import default_cache_dir
+
+        if resume is not None:
+            raise UserError("--dry-run plans a new run; drop --resume (a resumed run's organisms are already built)")
+        chosen = get_study(study or "")
+        planned = resolve_config(chosen, scale=scale.value, config_file=config, seed=seed,
+                                 overrides={**parse_extra_options(ctx.args), **parse_set_options(set_)})
+        # The measured study time is that of the default quick config; a changed one is not estimated.
+        default = config is None and not set_ and not ctx.args
+        _print_plan([(chosen, planned)], (cache_dir or default_cache_dir()) / "organisms", scale.value, as_json,
+                    study_time=default)
+        return
     try:
         run_dir = run_study(
             study or "",
@@ -297,8 +316,10 @@ def reproduce_cmd(
         raise typer.Exit(1)
 
 
-def _print_plan(planned: list[tuple[Any, Any]], organism_dir: Path, scale: str, as_json: bool) -> None:
-    """``reproduce --dry-run``: the organisms the studies need, which are cached, and the rest's training time."""
+def _print_plan(planned: list[tuple[Any, Any]], organism_dir: Path, scale: str, as_json: bool,
+                study_time: bool = True) -> None:
+    """``reproduce --dry-run`` and ``run --dry-run``: the organisms the studies need, which are cached, and the rest's
+    training time; the studies' own time where it was measured (their default quick configs)."""
     from safetylab.organisms.cache import CPU_FLOPS_PER_S, organism_plan, with_bases
     from safetylab.progress import format_duration as duration
 
@@ -313,9 +334,9 @@ def _print_plan(planned: list[tuple[Any, Any]], organism_dir: Path, scale: str, 
     cores = os.cpu_count() or 1
     studies = [{"study": st.name, "organisms": sum(st.name in ns for ns in users.values()),
                 "to_train": sum(st.name in users[r["hash"]] for r in todo),
-                "quick_seconds": st.quick_seconds if scale == "quick" else None} for st, _ in planned]
+                "quick_seconds": st.quick_seconds if scale == "quick" and study_time else None} for st, _ in planned]
     # Quick studies' own time is measured (Study.quick_seconds, the reference machine); paper's is not.
-    study_seconds = sum(st.quick_seconds for st, _ in planned) if scale == "quick" else None
+    study_seconds = sum(st.quick_seconds for st, _ in planned) if scale == "quick" and study_time else None
     if as_json:
         _print_json({"scale": scale, "organism_dir": str(organism_dir), "organisms": rows, "studies": studies,
                      "to_train": len(todo), "one_core_seconds": left, "cpu_flops_per_s": CPU_FLOPS_PER_S,
@@ -333,7 +354,8 @@ def _print_plan(planned: list[tuple[Any, Any]], organism_dir: Path, scale: str, 
     console.print(table)
     for s in studies:
         console.print(f"  {s['study']}: {s['organisms']} organisms, {s['to_train']} to train")
-    studies_line = ("Study time is not estimated at this scale." if study_seconds is None else
+    unmeasured = "at this scale" if scale != "quick" else "for a changed config"
+    studies_line = (f"Study time is not estimated {unmeasured}." if study_seconds is None else
                     f"The studies then take about {duration(study_seconds)} of one core on the reference "
                     f"machine (their measured quick runs), about {duration(study_seconds / cores)} on {cores} cores.")
     console.print(
