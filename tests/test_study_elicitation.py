@@ -335,3 +335,16 @@ def test_unlearning_methods_change_the_model_and_check_layers() -> None:
         with pytest.raises(ValueError, match="rmu layer=5"):
             rmu(AutoModelForCausalLM.from_pretrained(path), tok, world, layer=5, steps=1, lr=1e-3, batch_size=2,
                 rng=np.random.default_rng(0))
+
+
+def test_the_report_states_the_runs_sizes_against_the_paper_design() -> None:
+    """A run of the paper design on quick organisms is not the quick design: the note names the run's own sizes."""
+    from safetylab.studies.elicitation import _notes
+
+    def sizes(scale: str, **overrides) -> list[str]:
+        return [n for n in _notes(STUDY.resolve_config(scale, overrides)) if n.startswith("This run")]
+
+    assert sizes("paper") == []  # the paper design itself needs no such note
+    mixed = sizes("paper", organism_scale="quick")[0]
+    assert "quick organisms, 5 seeds per treatment (independent bases), 2,000 probe requests" in mixed
+    assert "3 seeds per treatment (one shared base), 1,000 probe requests" in sizes("quick")[0]

@@ -913,11 +913,16 @@ def _notes(config: Config) -> list[str]:
         ANCHORS,
         "Every organism runs on the CPU whatever --device says (the attack and unlearning loops are CPU loops).",
     ]
-    if config.organism_scale != "paper":
-        notes.append(f"{config.organism_scale.capitalize()} scale: {config.organism_seeds} seeds per treatment, "
-                     f"{config.n_probe} probe requests, {config.n_eval} held-out-hazard requests, "
-                     f"{config.unlearn_seeds} run(s) per unlearning method; paper scale uses 2,000 requests, 5 seeds "
-                     "from independent bases, 120 requests.")
+    paper = Config()  # the paper design's sizes are the config's defaults
+    sizes = ("organism_scale", "organism_seeds", "shared_base", "n_probe", "n_eval", "unlearn_seeds")
+    if any(getattr(config, k) != getattr(paper, k) for k in sizes):
+        # Keyed on the sizes, not on organism_scale: the paper design on quick organisms is not the quick design.
+        notes.append(f"This run: {config.organism_scale} organisms, {config.organism_seeds} seeds per treatment "
+                     f"({'one shared base' if config.shared_base else 'independent bases'}), {config.n_probe:,} probe "
+                     f"requests, {config.n_eval} held-out-hazard requests, {config.unlearn_seeds} run(s) per "
+                     f"unlearning method; the paper design uses {paper.organism_scale} organisms, "
+                     f"{paper.organism_seeds} seeds from independent bases, {paper.n_probe:,} probe requests, "
+                     f"{paper.n_eval} held-out-hazard requests and {paper.unlearn_seeds} runs per method.")
     return notes
 
 
