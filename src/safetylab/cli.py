@@ -342,7 +342,8 @@ def _print_plan(planned: list[tuple[Any, Any]], organism_dir: Path, scale: str, 
                      "to_train": len(todo), "one_core_seconds": left, "cpu_flops_per_s": CPU_FLOPS_PER_S,
                      "study_one_core_seconds": study_seconds})
         return
-    table = Table(title=f"Organisms for {len(planned)} studies at {scale} scale ({organism_dir})")
+    table = Table(title=f"Organisms for {len(planned)} stud{'y' if len(planned) == 1 else 'ies'} at {scale} scale "
+                           f"({organism_dir})")
     for col in ("organism", "from", "params", "steps", "status", "one core", "studies"):
         table.add_column(col, no_wrap=True, justify="left" if col in ("organism", "from", "status") else "right")
     named = {r["hash"]: f"{r['variant']}@{r['seed']}" for r in rows}
