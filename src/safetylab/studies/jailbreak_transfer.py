@@ -180,10 +180,10 @@ class Config(OrganismStudyConfig):
         return self
 
     def source_model(self) -> dict[str, Any]:
-        """The source organisms' model sizes (``organism_scale``'s preset)."""
-        from safetylab.organisms.train import SCALE_PRESETS
+        """The source organisms' model sizes at ``organism_scale``."""
+        from safetylab.organisms.train import organism_config
 
-        return dict(SCALE_PRESETS[self.organism_scale]["model"])
+        return organism_config(self.source_variant, self.organism_scale).model.model_dump()
 
     def arch_overrides(self, kind: str) -> dict[str, dict[str, Any]]:
         """Organism overrides of an architecture target: the user's, else half the source's depth (sft-small) or
