@@ -62,6 +62,7 @@ import functools
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -913,8 +914,10 @@ def _notes(config: Config) -> list[str]:
         ANCHORS,
         "Every organism runs on the CPU whatever --device says (the attack and unlearning loops are CPU loops).",
     ]
-    paper = Config()  # the paper design's sizes are the config's defaults
+    # The paper design's sizes are the fields' defaults (read directly: a validated Config() would build the
+    # paper world's probe set just to be read).
     sizes = ("organism_scale", "organism_seeds", "shared_base", "n_probe", "n_eval", "unlearn_seeds")
+    paper = SimpleNamespace(**{k: Config.model_fields[k].get_default(call_default_factory=True) for k in sizes})
     if any(getattr(config, k) != getattr(paper, k) for k in sizes):
         # Keyed on the sizes, not on organism_scale: the paper design on quick organisms is not the quick design.
         notes.append(f"This run: {config.organism_scale} organisms, {config.organism_seeds} seeds per treatment "
