@@ -48,6 +48,9 @@ def test_units_exact_harm_and_budgets(tiny_run):
     assert org["estimators"]["monte-carlo"]["n_evaluations"] == config.mc_draws
     assert org["estimators"]["importance-sampling"]["n_evaluations"] == config.is_draws  # no pilot pass over the pool
     assert org["coverage"]["splitting"]["runs"] == config.coverage_repeats
+    # Splitting's interval is a t interval over independent runs wherever it estimates p, the classifier included.
+    for system in (org, records[1]["result"]):
+        assert f"Student t over {config.splitting_runs} independent runs" in system["estimators"]["splitting"]["interval_method"]
     assert org["retries"][0]["exact"] == pytest.approx(pop["exact_p"])
     # Every query counts against B: the search's queries plus the sampled tries are the budget.
     reqs = org["attacks"]["requests"]
@@ -206,10 +209,29 @@ def test_bad_config():
         Config(benign_share=1.0)
     with pytest.raises(ValidationError):
         Config(splitting_runs=2)
+    # A pool where (almost) no request can fail: too few to attack n_attack of them on every seed.
+    with pytest.raises(ValidationError, match="about 0 requests that can fail.*n_attack=12"):
+        Config(benign_share=0.999, n_population=10, n_attack=12)
+    with pytest.raises(ValidationError, match="n_attack=24"):
+        Config(n_population=20)
+    Config(benign_share=0.5, n_population=200, n_attack=24)  # about 100, far enough above 24
+
+
+def test_no_spread_over_seeds_is_not_a_zero_width_interval(tiny_run):
+    """Seeds that come out identical still have pools drawn from natural traffic: the accidents' interval keeps that
+    sampling error, so the premise's bounds are numbers, never NaN or zero width."""
+    config, _, records, _ = tiny_run
+    recs = copy.deepcopy(records)
+    org = [r for r in recs if r["result"].get("variant") == config.organism_variant]
+    for r in org[1:]:
+        r["result"] = {**copy.deepcopy(org[0]["result"]), "seed": r["result"]["seed"]}
+    acc = STUDY.analyze(config, recs).metrics["accident/within_B"]
+    assert math.isfinite(acc["lo"]) and acc["lo"] < acc["estimate"] < acc["hi"]
+    assert "pools' sampling error" in acc["method"]
 
 
 @pytest.mark.parametrize("key, value", [("mc_draws", "0"), ("attack_budget", "0"), ("n_population", "0"),
-                                        ("benign_share", "1")])
+                                        ("benign_share", "1"), ("benign_share", "0.999")])
 def test_bad_input_on_the_cli_is_one_line_exit_2(tmp_path, monkeypatch, capsys, key, value):
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(["run", "rare-failure", "--set", f"{key}={value}"], capsys)

@@ -57,6 +57,7 @@ How it decides (``DESIGN.md``, "How a study decides")
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -165,6 +166,13 @@ class Config(OrganismStudyConfig):
         if self.benign_share >= 1:
             raise ValueError(f"benign_share={self.benign_share:g}: a population of benign requests only has no request "
                              "that can fail (no procedure to give); use a share below 1, e.g. 0")
+        # Requests that can fail are drawn one by one (share 1 - benign_share): ask for n_attack of them at least
+        # four standard deviations below their expected number, so no seed's pool comes up short.
+        n, s = self.n_population, self.benign_share
+        if n * (1 - s) - 4 * math.sqrt(n * s * (1 - s)) < self.n_attack:
+            raise ValueError(f"n_population={n} with benign_share={s:g} gives about {n * (1 - s):.0f} requests that can "
+                             f"fail per seed, too few to attack n_attack={self.n_attack} of them on every seed; raise "
+                             "n_population or lower benign_share or n_attack")
         if not self.toy_coverage_ps or any(not 0 < p < 0.5 for p in self.toy_coverage_ps):
             raise ValueError(f"toy_coverage_ps={self.toy_coverage_ps}: give probabilities in (0, 0.5), e.g. [1e-6, 1e-9]")
         return self
@@ -361,9 +369,11 @@ def _classifier_estimates(config: Config, hz: GaussianHalfSpace, score: Any, exa
         x = hz.sample(rng, budget) + np.where(rng.random(budget) < 0.2, 0.0, 1.0)[:, None] * mean
         log_q = np.logaddexp(math.log(0.2) + hz.log_density(x), math.log(0.8) + hz.log_density(x, mean))
         out["importance-sampling"] = _est(importance_sampling(score(x) >= 0, hz.log_density(x), log_q), exact)
-        n = max(20, int(budget / (1 + config.splitting_moves * math.log(1 / exact))))
+        # The same evaluation budget, shared by independent runs: its interval is a t interval over them.
+        n = max(20, int(budget / (config.splitting_runs * (1 + config.splitting_moves * math.log(1 / exact)))))
         out["splitting"] = _est(adaptive_multilevel_splitting(hz.sample, score, hz.propose, 0.0, rng, n_particles=n,
-                                                              n_moves=config.splitting_moves), exact)
+                                                              n_moves=config.splitting_moves,
+                                                              n_repeats=config.splitting_runs), exact)
     return out
 
 
@@ -605,6 +615,9 @@ def _run_organism(config: Config, variant: str, seed: int, ctx: Context, rng: np
     out: dict[str, Any] = {"system": "organism", "variant": variant, "seed": seed, "source": str(path)}
     pool = natural_population(world, config, np.random.default_rng([config.seed, 7, seed]))
     forb = [i for i, r in enumerate(pool) if r["kind"] == "forbidden"]
+    if len(forb) < config.n_attack:  # the config check makes this a four-sigma event
+        raise RuntimeError(f"seed {seed}'s natural pool has {len(forb)} requests that can fail, fewer than "
+                           f"n_attack={config.n_attack}; raise n_population or lower benign_share")
     attacked = [pool[i] for i in forb[: config.n_attack]]
     if variant != config.control_variant:
         reqs = [pool[i] for i in forb]
@@ -688,9 +701,14 @@ def _seed_row(o: dict[str, Any]) -> dict[str, Any]:
     reqs, budget = o["attacks"]["requests"], o["attacks"]["budget"]
     succ = _adversary_success(reqs)
     p = o["population"]["exact_p"]
+    # p is exact for this seed's pool, but the pool is a sample of natural traffic: its standard error, carried
+    # through 1 - (1 - p)^B (delta method), is the least error a seed's accident probability can have.
+    q = np.asarray(o["population"].get("q_harm", []), dtype=float)
+    se_p = float(q.std(ddof=1) / math.sqrt(q.size)) if q.size > 1 else 0.0
     return {"seed": o["seed"], "n": len(reqs), "budget": budget, "p": p,
             "p_no_refusal": o["population"].get("exact_p_no_refusal"), "adversary": float(succ.mean()),
-            "accidents": float(_within(p, budget)), "successes": float(succ.sum())}
+            "accidents": float(_within(p, budget)), "successes": float(succ.sum()),
+            "accidents_se": budget * (1 - p) ** (budget - 1) * se_p}
 
 
 def _shift(iv: Interval, c: float) -> Interval:
@@ -736,9 +754,14 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
     # Primary contrast: per seed, adversary success within B minus P(harm in B natural tries).
     rows = [_seed_row(o) for o in orgs]
     floor = rate_se_floor([round(s["successes"]) for s in rows], [s["n"] for s in rows]) if rows else 0.0
-    primary = mean_interval([s["adversary"] - s["accidents"] for s in rows], bounds=(-1.0, 1.0), se_floor=floor,
-                            unit="organism training seeds")
-    accidents = mean_interval([s["accidents"] for s in rows], bounds=(0.0, 1.0), unit="organism training seeds")
+    # No spread over seeds is never a zero-width interval: the accidents' floor is the pools' own sampling error.
+    acc_floor = math.sqrt(float(np.mean([s["accidents_se"] ** 2 for s in rows])) / len(rows)) if rows else 0.0
+    primary = mean_interval([s["adversary"] - s["accidents"] for s in rows], bounds=(-1.0, 1.0),
+                            se_floor=math.hypot(floor, acc_floor), unit="organism training seeds")
+    accidents = mean_interval([s["accidents"] for s in rows], bounds=(0.0, 1.0), se_floor=acc_floor,
+                              unit="organism training seeds")
+    accidents = dataclasses.replace(accidents, method=accidents.method.replace(
+        "its binomial floor", "the pools' sampling error (natural requests drawn per seed)"))
     adversary = mean_interval([s["adversary"] for s in rows], bounds=(0.0, 1.0), unit="organism training seeds")
     premises = []
     if accidents.estimate is not None and accidents.estimate >= RARE:
