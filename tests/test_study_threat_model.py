@@ -121,10 +121,12 @@ def test_controls_can_fail():
     assert a.verdict.verdict is Verdict.INCONCLUSIVE and "never-taught has nothing to extract" in a.verdict.reason
 
 
-def test_a_config_without_attackers_covers_only_the_none_tier():
-    config = STUDY.resolve_config("quick", {"tiers": ["none"], "assets": ["model"]})
+def test_a_narrowed_config_covers_only_its_own_cells():
+    config = STUDY.resolve_config("quick", {"tiers": ["none", "sophisticated"], "assets": ["society"],
+                                            "users": ["experts"]})
     covered = STUDY.covered_threat_model(config)
-    assert covered.tiers == ("none",) and covered.assets == ("model",)
+    assert covered.tiers == ("none", "sophisticated") and covered.assets == ("society",)
+    assert covered.users == ("experts",)
     assert set(covered.cells()) < set(STUDY.threat_model.cells())
 
 
@@ -140,6 +142,10 @@ def test_old_config_names_still_work():
     (["--set", 'assets=["future"]'], "assets"),
     (["--set", "organism_variant=sft"], "carries no secret"),
     (["--set", "organism_seeds=0"], "organism_seeds"),
+    # Configs that could only ever be inconclusive: a half of the claim, or both controls, left out.
+    (["--set", "tiers=[none]"], "leaves out 'sophisticated'"),
+    (["--set", "tiers=[casual,sophisticated]"], "leaves out 'none'"),
+    (["--set", "assets=[model]"], "leaves out 'society'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, needle):
     code, out, err = run_cli(["run", "threat-model", "--scale", "quick", "--out", str(tmp_path / "runs"), *args],

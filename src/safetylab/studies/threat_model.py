@@ -130,6 +130,16 @@ class Config(OrganismStudyConfig):
         if "model" in self.assets and self.organism_variant != TREATMENT:
             raise ValueError(f"assets includes 'model' but the {self.organism_variant} organism carries no secret to "
                              f"keep; drop 'model' from assets or use organism_variant={TREATMENT}")
+        # The claim has two halves and two controls; a config that leaves one out could only ever say
+        # "inconclusive", so it is refused here rather than after its organisms have trained.
+        for tier, half in (("none", "safe by accident (the requests sent plainly)"),
+                           ("sophisticated", "unsafe to an adversary (GCG, fine-tuning)")):
+            if tier not in self.tiers:
+                raise ValueError(f"tiers={list(self.tiers)} leaves out '{tier}', which measures the claim's half "
+                                 f"'{half}', so no run could decide it; add '{tier}' to tiers")
+        if "society" not in self.assets:
+            raise ValueError(f"assets={list(self.assets)} leaves out 'society': both controls (base, never-taught) are "
+                             "graded on hazard procedures, so no run could pass them; add 'society' to assets")
         return self
 
     def attacks(self) -> tuple[str, ...]:
