@@ -59,3 +59,26 @@ def test_calibrate_without_simulator_is_one_line_exit_2(tmp_path, monkeypatch):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "no simulator" in lines[0]
+
+
+def test_the_power_curve_rises_from_the_threshold_to_the_alternative():
+    """--effects adds a row per true effect: power between the threshold and the alternative, where the design's
+    resolution shows. It grows with the effect, and the calibration verdict is unchanged by it."""
+    study = get_study("jailbreak-transfer")
+    cal = study.calibration
+    between = [cal.null_effect + f * (cal.alternative_effect - cal.null_effect) for f in (0.3, 0.7)]
+    res = calibrate(study, 40, seed=2, effects=between)
+    rates = [res["null"]["holds_rate"], *(r["holds_rate"] for r in res["curve"]), res["alternative"]["holds_rate"]]
+    assert [r["effect"] for r in res["curve"]] == between
+    assert rates == sorted(rates) and rates[-1] > rates[0]
+    assert res["calibrated"] == calibrate(study, 40, seed=2)["calibrated"]
+    out = _cli("calibrate", "jailbreak-transfer", "--n", "10", "--effects", "0.2,0.3", "--json")
+    assert out.returncode in (0, 1), out.stderr
+    assert [(r["effect"], sum(r["verdicts"].values())) for r in json.loads(out.stdout)["curve"]] == [(0.2, 10), (0.3, 10)]
+
+
+def test_bad_effects_are_one_line_exit_2():
+    out = _cli("calibrate", "jailbreak-transfer", "--effects", "0.2,big")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--effects" in lines[0]

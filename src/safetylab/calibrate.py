@@ -26,6 +26,7 @@ the simulator's calibration says little about that design.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,8 @@ def check_calibratable(study: Study) -> None:
                         f"add simulate= and calibration= to its STUDY (see safetylab.study)")
 
 
-def calibrate(study: Study, n: int = 400, *, seed: int = 0, progress: Any = None) -> dict[str, Any]:
+def calibrate(study: Study, n: int = 400, *, seed: int = 0, progress: Any = None,
+              effects: Sequence[float] = ()) -> dict[str, Any]:
     """Run ``study.analyze`` on ``n`` simulated runs at the null and ``n`` at the alternative.
 
     Args:
@@ -58,13 +60,17 @@ def calibrate(study: Study, n: int = 400, *, seed: int = 0, progress: Any = None
         n: simulated runs per effect (>= 400 for a 5% rate to within about ±2 points).
         seed: seeds the simulator (run ``i`` at the null uses ``[seed, 0, i]``).
         progress: optional callable advanced once per simulated run.
+        effects: further true effects to simulate ``n`` runs at: the power curve between the
+            threshold and the alternative, where a design's resolution shows. They do not enter
+            whether the rule is calibrated.
 
     Returns:
         JSON-ready dict: per effect, the count and rate of each verdict, the holds rate with
-        its Clopper–Pearson interval, and whether the rule is calibrated.
+        its Clopper–Pearson interval, and whether the rule is calibrated; ``curve``, one such
+        entry per extra effect.
 
     Raises:
-        UserError: the study has no simulator.
+        UserError: the study has no simulator, or ``n`` < 1.
     """
     check_calibratable(study)
     if n < 1:
@@ -74,8 +80,11 @@ def calibrate(study: Study, n: int = 400, *, seed: int = 0, progress: Any = None
     out: dict[str, Any] = {"study": study.name, "n": n, "seed": seed, "effect": cal.effect,
                            "threshold": study.claim.threshold, "direction": study.claim.direction}
     with threadpool_limits(limits=1):  # many small analyses: threaded BLAS only adds overhead
-        for which, effect in (("null", cal.null_effect), ("alternative", cal.alternative_effect)):
-            out[which] = _simulate_and_decide(study, config, which, effect, n, seed, progress)
+        for stream, (which, effect) in enumerate((("null", cal.null_effect), ("alternative", cal.alternative_effect))):
+            out[which] = _simulate_and_decide(study, config, stream, effect, n, seed, progress)
+        # Streams 3, 4, ... (2 is compare_spread's): a curve point never reuses the null's or the alternative's draws.
+        out["curve"] = [_simulate_and_decide(study, config, 3 + j, float(e), n, seed, progress)
+                        for j, e in enumerate(effects)]
     out["null"]["max_false_holds"] = MAX_FALSE_HOLDS
     out["null"]["ok"] = out["null"]["holds_rate"] <= MAX_FALSE_HOLDS
     out["alternative"]["declared_power"] = cal.power
@@ -145,13 +154,13 @@ def compare_spread(study: Study, run_dir: Any, n: int = 100, *, seed: int = 0) -
     return out
 
 
-def _simulate_and_decide(study: Study, config: StudyConfig, which: str, effect: float, n: int, seed: int,
+def _simulate_and_decide(study: Study, config: StudyConfig, stream: int, effect: float, n: int, seed: int,
                          progress: Any) -> dict[str, Any]:
-    """Verdict counts of ``n`` simulated runs at one true effect."""
+    """Verdict counts of ``n`` simulated runs at one true effect (run ``i`` draws from ``[seed, stream, i]``)."""
     counts = {v.value: 0 for v in Verdict}
     contrast_holds = 0
     for i in range(n):
-        rng = np.random.default_rng([seed, 0 if which == "null" else 1, i])
+        rng = np.random.default_rng([seed, stream, i])
         verdict = study.analyze(config, study.simulate(config, effect, rng)).verdict
         counts[verdict.verdict.value] += 1
         contrast_holds += verdict.contrast_verdict is Verdict.HOLDS

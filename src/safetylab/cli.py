@@ -494,10 +494,13 @@ def calibrate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     against: Optional[Path] = typer.Option(None, "--against", help="A run folder of this study: compare the "
                                            "simulator's between-unit spread with the run's (instead of calibrating)."),
+    effects: Optional[str] = typer.Option(None, "--effects", help="Comma-separated true effects to add rows for "
+                                          "(the power curve, e.g. 0.15,0.2,0.3)."),
 ) -> None:
     """How often a study's own analysis says "holds" on simulated data: at the null
     (true effect on the threshold; the estimate must be <= 5% over >= 400 runs) and at its
-    declared alternative (power). Exit code 1 when the rule is not calibrated (or, with
+    declared alternative (power), and with --effects at every effect listed (the power curve:
+    the effect this design detects). Exit code 1 when the rule is not calibrated (or, with
     --against, when the simulator's spread is more than 2x off the run's)."""
     from safetylab.calibrate import calibrate, check_calibratable, compare_spread
     from safetylab.progress import bar
@@ -505,6 +508,11 @@ def calibrate_cmd(
 
     st = get_study(study)
     check_calibratable(st)  # before the progress bar, so bad input stays one line
+    try:
+        curve = [float(e) for e in effects.split(",")] if effects else []
+    except ValueError:
+        raise UserError(f"--effects {effects!r}: give numbers separated by commas, e.g. --effects 0.15,0.2,0.3") \
+            from None
     if against is not None:
         cmp = compare_spread(st, against, min(n, 200), seed=seed)
         if as_json:
@@ -520,8 +528,8 @@ def calibrate_cmd(
         if cmp["agrees"] is False:
             raise typer.Exit(1)
         return
-    with bar(f"calibrating {study}", 2 * n, quiet=quiet or as_json) as advance:
-        res = calibrate(st, n, seed=seed, progress=advance)
+    with bar(f"calibrating {study}", (2 + len(curve)) * n, quiet=quiet or as_json) as advance:
+        res = calibrate(st, n, seed=seed, progress=advance, effects=curve)
     if as_json:
         _print_json(res)
     else:
@@ -530,13 +538,15 @@ def calibrate_cmd(
         table = Table(title=f"calibration of '{study}' ({n} simulated runs per row; effect = {res['effect']})")
         for col in ("true effect", "holds", "does not hold", "inconclusive", "P(holds) [95% CI]", "requirement", "ok"):
             table.add_column(col)
-        for which, req in (("null", f"estimate <= {res['null']['max_false_holds']:.0%}"),
-                           ("alternative", f">= {res['alternative']['declared_power']:.0%} (declared power)")):
-            r = res[which]
+        rows = [(res["null"], "null", f"estimate <= {res['null']['max_false_holds']:.0%}",
+                 "yes" if res["null"]["ok"] else "[bold red]NO[/bold red]"),
+                (res["alternative"], "alternative", f">= {res['alternative']['declared_power']:.0%} (declared power)",
+                 "yes" if res["alternative"]["ok"] else "[bold red]NO[/bold red]")]
+        rows += [(r, "curve", "", "") for r in res["curve"]]
+        for r, which, req, ok in sorted(rows, key=lambda row: row[0]["effect"]):
             table.add_row(f"{r['effect']:g} ({which})", *(str(r["verdicts"][v]) for v in
                                                           ("holds", "does not hold", "inconclusive")),
-                          format_interval(r["holds_rate"], *r["holds_ci"], digits=3), req,
-                          "yes" if r["ok"] else "[bold red]NO[/bold red]")
+                          format_interval(r["holds_rate"], *r["holds_ci"], digits=3), req, ok)
         console.print(table)
         if not res["enough_draws"]:
             console.print(f"[bold red]too few draws[/bold red]: a calibration verdict needs --n {res['min_draws']} or more")
