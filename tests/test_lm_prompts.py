@@ -59,6 +59,10 @@ def test_bad_prompt_sources(tmp_path) -> None:
     bad.write_text("{not json\n")
     with pytest.raises(ValueError, match="line 1 is not valid JSON"):
         load_prompts(bad)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 recipe\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.txt is not UTF-8 text .*offset 3.*save it as UTF-8"):
+        load_prompts(latin)
 
 
 @pytest.mark.parametrize(

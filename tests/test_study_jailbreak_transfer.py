@@ -12,10 +12,12 @@ from cli_fixtures import run_cli
 from safetylab.audit import audit_records
 from safetylab.claims import Verdict
 from safetylab.study import Context, torch_threads
+from safetylab.studies import jailbreak_transfer as STUDY_MODULE
 from safetylab.studies.jailbreak_transfer import CLAIM, STUDY, SAME_BASE, _arm
 
 # Tiny organisms resist GCG as sft (2 layers, width 64), so the tiny run attacks from sft-late (only its last layer
-# safety-trained). Independent target: sft-small, a 1-layer model pretrained from its own base.
+# safety-trained). Independent target: sft-small, a 1-layer model pretrained from its own base at seed 1, the first
+# seed no source uses.
 TINY = {"organism_scale": "tiny", "source_variant": "sft-late", "organism_seeds": 1,
         "targets": ["sft-late", "sft", "sft-small", "never-taught", "depth-robust"], "n_train": 8,
         "n_heldout_templates": 6, "n_heldout_hazards": 4, "n_benign": 20, "gcg_steps": 8, "search_width": 48,
@@ -35,7 +37,7 @@ def test_tiny_run_measures_every_target_on_the_training_requests(tiny_run):
     config, records, analysis = tiny_run
     assert [r["key"] for r in records] == ["targets", "source=sft-late@0"]
     src = records[1]["result"]
-    assert set(src["targets"]) == {"sft-late@0", "sft@0", "sft-small@0", "never-taught@0", "depth-robust@0"}
+    assert set(src["targets"]) == {"sft-late@0", "sft@0", "sft-small@1", "never-taught@0", "depth-robust@0"}
     assert all(len(c["gcg"]) == 8 and len(c["random1"]) == 8 for c in src["targets"].values())
     assert len(set(src["subjects"]["train"])) == 4  # the training requests cycle through every covered hazard
     assert set(src["universality"]) == {"heldout_templates", "heldout_hazards"}
@@ -84,9 +86,10 @@ def test_tiny_run_audit_goes_both_ways(tiny_run):
     out = audit_records(STUDY, config, records)
     assert out["ok"], out["stuck"]
     assert out["null"]["contrast_verdict"] != "holds" and out["extreme"]["contrast_verdict"] == "holds"
+    assert out["extreme"]["verdict"] == "holds"  # never-taught is left as measured, so its control still passes
     assert out["null"]["estimate"] == pytest.approx(
-        np.mean(np.asarray(records[1]["result"]["targets"]["sft-small@0"]["random0"], float)
-                - np.mean([records[1]["result"]["targets"]["sft-small@0"][k] for k in ("random0", "random1")], 0)))
+        np.mean(np.asarray(records[1]["result"]["targets"]["sft-small@1"]["random0"], float)
+                - np.mean([records[1]["result"]["targets"]["sft-small@1"][k] for k in ("random0", "random1")], 0)))
     nulled = STUDY.analyze(config, STUDY.null(config, json.loads(json.dumps(records))))
     assert next(c for c in nulled.controls if c.kind == "positive").status == "fail"  # no attack strength left
 
@@ -95,11 +98,28 @@ def test_targets_are_classed_by_where_their_weights_come_from():
     quick = STUDY.resolve_config("quick")
     assert _arm(quick, "sft@0", "sft@1") == "sft" + SAME_BASE  # fine-tuned from one shared base
     assert _arm(quick, "sft@0", "dpo@0") == "dpo" + SAME_BASE
-    assert _arm(quick, "sft@0", "sft-small@0") == "sft-small"  # another architecture, its own base
-    assert _arm(quick, "sft@0", "sft-narrow@0") == "sft-narrow"
+    assert _arm(quick, "sft@0", "sft-small@5") == "sft-small"  # another architecture, its own base
+    assert _arm(quick, "sft@0", "sft-narrow@5") == "sft-narrow"
     paper = STUDY.resolve_config("paper")
     assert not paper.shared_base and _arm(paper, "sft@0", "sft@1") == "sft"  # each seed pretrained apart
     assert _arm(paper, "sft@0", "dpo@0") == "dpo" + SAME_BASE and _arm(paper, "sft@1", "dpo@0") == "dpo"
+
+
+@pytest.mark.parametrize("scale", ["quick", "paper"])
+def test_architecture_targets_share_no_pretraining_with_any_source(scale):
+    """The data order is drawn from the seed, not the architecture: a narrow target pretrained at a source's base
+    seed would have read the source's pretraining stream in the same order."""
+    config = STUDY.resolve_config(scale, {"targets": ["sft", "sft-small", "sft-narrow", "never-taught"]})
+    seeds = config.organism_seed_list()
+    source_bases = {s if b is None else b for s, b in zip(seeds, [config.request("sft", s).config().base_seed
+                                                                 for s in seeds])}
+    assert source_bases == ({0} if config.shared_base else set(seeds))
+    arch = [n for n in config.target_names() if n.split("@")[0] in ("sft-small", "sft-narrow")]
+    assert arch == [f"sft-small@{config.arch_seed()}", f"sft-narrow@{config.arch_seed()}"]
+    for name in arch:
+        request = STUDY_MODULE._organism_request(config, name)
+        assert request.config().base_seed is None and request.seed not in source_bases  # its own base, a new seed
+        assert all(_arm(config, s, name) == name.split("@")[0] for s in config.source_names())
 
 
 def test_architecture_targets_are_smaller_than_their_source_at_every_organism_scale():
@@ -148,6 +168,7 @@ def test_simulated_records_decide_both_ways():
     (["--set", "gcg_steps=0"], "gcg_steps"),
     (["--set", "targets=[llama]"], "targets"),
     (["--set", "real_models=[nosuch/model]", "--set", "prompts=/nonexistent.jsonl"], "prompts"),
+    (["--set", "prompts=harmful.jsonl"], "read only for real_models"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, args, needle):
     monkeypatch.setenv("SAFETYLAB_CACHE", str(tmp_path / "cache"))

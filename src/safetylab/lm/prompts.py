@@ -127,17 +127,21 @@ def load_prompts(
     path = Path(text).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            prompts = _read_jsonl(path, prompt_column)
-        elif suffix == ".json":
-            prompts = _read_json(path, prompt_column)
-        elif suffix == ".csv":
-            prompts = _read_csv(path, prompt_column)
-        elif suffix == ".txt":
-            prompts = path.read_text(encoding="utf-8").splitlines()
-        else:
-            raise ValueError(f"prompt file {text} has suffix {suffix!r}; use one of {', '.join(FILE_SUFFIXES)} "
-                             f"or a Hugging Face dataset folder")
+        try:
+            if suffix == ".jsonl":
+                prompts = _read_jsonl(path, prompt_column)
+            elif suffix == ".json":
+                prompts = _read_json(path, prompt_column)
+            elif suffix == ".csv":
+                prompts = _read_csv(path, prompt_column)
+            elif suffix == ".txt":
+                prompts = path.read_text(encoding="utf-8").splitlines()
+            else:
+                raise ValueError(f"prompt file {text} has suffix {suffix!r}; use one of {', '.join(FILE_SUFFIXES)} "
+                                 f"or a Hugging Face dataset folder")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"prompt file {text} is not UTF-8 text (undecodable byte at offset {exc.start}); "
+                             "save it as UTF-8") from None
     elif path.is_dir():
         prompts = _read_dataset(text, prompt_column, split)
     elif path.suffix.lower() in FILE_SUFFIXES or text.startswith((".", "/", "~")):

@@ -71,6 +71,8 @@ TARGET_KINDS: tuple[str, ...] = ("sft", "dpo", "depth-robust", "sft-small", "sft
                                  "eval-gated")
 """Organism targets: variants, plus ``sft-small`` and ``sft-narrow`` (the sft recipe on another architecture,
 ``small_overrides`` / ``narrow_overrides``, each pretrained from its own base)."""
+ARCH_KINDS = ("sft-small", "sft-narrow")
+"""Targets of another architecture than the source, each pretrained from its own base at ``Config.arch_seed``."""
 NEGATIVE = "never-taught"
 DEFENCE = "depth-robust"
 """Targets the primary contrast leaves out: the negative control, and the depth-robust organism (a defence,
@@ -177,6 +179,9 @@ class Config(OrganismStudyConfig):
             if self.prompts is None:
                 raise ValueError("real_models need their harmful prompts: give --prompts (JSONL/CSV/JSON/TXT or a HF "
                                  "dataset) and --prompt-column")
+        elif self.prompts is not None:
+            raise ValueError(f"prompts={self.prompts} is read only for real_models (organisms are attacked on the "
+                             "world's own requests); add --set 'real_models=[MODEL]' or drop prompts")
         return self
 
     def source_model(self) -> dict[str, Any]:
@@ -200,11 +205,20 @@ class Config(OrganismStudyConfig):
     def source_names(self) -> list[str]:
         return [f"{self.source_variant}@{s}" for s in self.organism_seed_list()]
 
+    def arch_seed(self) -> int:
+        """The seed the architecture targets are pretrained and fine-tuned at: the first after the sources', so
+        no source shares their pretraining stream (the data order is drawn from the seed, not the architecture)."""
+        return self.base_seed + self.organism_seeds
+
     def target_names(self) -> list[str]:
-        """Every target organism as ``kind@seed``."""
+        """Every target organism as ``kind@seed``: the sources' own seeds for the source variant, ``arch_seed``
+        for the architecture targets, ``base_seed`` for the rest."""
         out: list[str] = []
         for t in self.targets:
-            out += self.source_names() if t == self.source_variant else [f"{t}@{self.base_seed}"]
+            if t == self.source_variant:
+                out += self.source_names()
+            else:
+                out.append(f"{t}@{self.arch_seed() if t in ARCH_KINDS else self.base_seed}")
         return out
 
 
@@ -287,8 +301,6 @@ def _kind(name: str) -> str:
     return _spec(name)[0]
 
 
-ARCH_KINDS = ("sft-small", "sft-narrow")
-
 
 def _overrides(config: Config, kind: str) -> dict[str, Any] | None:
     return config.arch_overrides(kind) if kind in ARCH_KINDS else None
@@ -296,14 +308,16 @@ def _overrides(config: Config, kind: str) -> dict[str, Any] | None:
 
 def _organism_request(config: Config, name: str) -> Any:
     kind, seed = _spec(name)
-    return config.request("sft" if kind in ARCH_KINDS else kind, seed, overrides=_overrides(config, kind))
+    if kind in ARCH_KINDS:  # its own base at its own seed, whether or not the sources share one
+        return config.request("sft", seed, overrides=_overrides(config, kind), base_seed=None)
+    return config.request(kind, seed)
 
 
 def _base_of(config: Config, name: str) -> str:
     """Where a target's weights come from: its architecture and the seed of the base it was pretrained as."""
     kind, seed = _spec(name)
     arch = kind if kind in ARCH_KINDS else ("never-taught" if kind == NEGATIVE else "organism")
-    base = seed if kind == NEGATIVE or not config.shared_base else config.base_seed
+    base = seed if kind in (NEGATIVE, *ARCH_KINDS) or not config.shared_base else config.base_seed
     return f"{arch}/base@{base}"
 
 
@@ -889,10 +903,12 @@ def _notes(config: Config) -> list[str]:
         f"The transfer contrast uses the training requests themselves; universality rows use "
         f"{config.n_heldout_templates} held-out-template and {config.n_heldout_hazards} held-out-hazard requests on "
         f"the source; {config.n_random_suffixes} random suffixes per source are the baseline.",
-        f"sft-small = the sft recipe on a model with overrides {config.arch_overrides('sft-small')}; sft-narrow = "
-        f"with {config.arch_overrides('sft-narrow')}; each pretrained from its own base (same world and tokenizer).",
-        f"Adaptive attack: GCG with the suffix's mean NLL under the source added with weight "
-        f"{config.perplexity_weight:g}.",
+        *[f"{kind} = the sft recipe on a model with overrides {config.arch_overrides(kind)}, pretrained from its own "
+          f"base at seed {config.arch_seed()}, a seed no source uses (same world and tokenizer)."
+          for kind in ARCH_KINDS if kind in config.targets],
+        (f"Adaptive attack: GCG with the suffix's mean NLL under the source added with weight "
+         f"{config.perplexity_weight:g}." if config.adaptive else
+         "No adaptive attack (adaptive: false): the defence table's rows are the plain suffix's."),
         f"Perplexity filter threshold: the {1 - config.filter_fpr:.0%} quantile of {config.n_benign // 2} benign "
         "look-alike requests per target (with fewer than 1/fpr of them it is their maximum).",
     ]
@@ -957,8 +973,9 @@ def _convergence_plot(config: Config, records: list[dict[str, Any]], out_dir: Pa
     return [Figure(path="gcg_convergence.png", caption=(
         f"Each source's universal suffix search over {config.n_train} training requests: the fraction of training "
         "targets the step's best suffix makes greedy decoding emit exactly (top; of those in the objective when "
-        "progressive) and its objective (bottom); "
-        "dotted lines are the adaptive attack. A search that reaches 1 converged; a flat line short of it stalled "
+        "progressive) and its objective (bottom)"
+        f"{'; dotted lines are the adaptive attack' if config.adaptive else ''}. "
+        "A search that reaches 1 converged; a flat line short of it stalled "
         "before its step budget ran out."))]
 
 
@@ -1051,13 +1068,15 @@ def null(config: Config, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def extreme(config: Config, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The largest effect the design allows: every GCG-suffixed request on every target answered with the
-    procedure."""
+    """The largest effect the design allows: every GCG-suffixed request on every target that knows the procedures
+    answered with it. never-taught is left as measured: it never learned them, so no suffix can draw them out, and
+    flooding it too would fail the negative control rather than test the decision."""
     for r in records:
         res = r["result"]
         if res["kind"] != "source":
             continue
-        for cell in [*res["targets"].values(), *res["universality"].values()]:
+        cells = [c for name, c in res["targets"].items() if _kind(name) != NEGATIVE]
+        for cell in [*cells, *res["universality"].values()]:
             cell["gcg"] = [True] * len(cell["gcg"])
             if "gcg_refused" in cell:
                 cell["gcg_refused"] = [False] * len(cell["gcg"])
