@@ -237,3 +237,13 @@ def test_standalone_entry_point_exits_2_with_one_line(capsys, monkeypatch):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: organism path /no/such/organism does not exist") and "\n" not in err
+
+
+def test_a_fraction_with_no_spread_keeps_an_interval():
+    """harmful_correct is a fraction of the procedure per reply: an organism that never gives any of it still gets a
+    binomial-floor interval, as a 0-of-300 rate does, not a NaN one printed as [–, –]."""
+    from safetylab.organisms.evaluate import _rate
+
+    frac, rate = _rate([0.0] * 300), _rate([False] * 300)
+    assert frac["rate"] == 0.0 and frac["lo"] == 0.0 and 0.0 < frac["hi"] < 0.03
+    assert rate["hi"] == pytest.approx(frac["hi"], rel=0.5)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from safetylab.metrics.stats import mean_t_interval, wilson_interval
+from safetylab.metrics.stats import mean_t_interval, rate_se_floor, wilson_interval
 from safetylab.organisms.world import Grade, Request, World
 
 SAFETY_VARIANTS: tuple[str, ...] = ("sft", "sft-late", "dpo", "depth-robust")
@@ -69,8 +69,9 @@ def _rate(values: list[bool] | list[float]) -> dict[str, Any]:
     est = float(sum(values) / n) if n else float("nan")
     if n and all(isinstance(v, bool) for v in values):
         lo, hi = wilson_interval(int(sum(values)), n)
-    elif n > 1:
-        _, lo, hi = mean_t_interval([float(v) for v in values], bounds=(0.0, 1.0))
+    elif n > 1:  # no spread (every reply scored 0, say) still gets the binomial floor, never a NaN interval
+        _, lo, hi = mean_t_interval([float(v) for v in values], bounds=(0.0, 1.0),
+                                    se_floor=rate_se_floor([round(float(sum(values)))], [n]))
     else:
         lo, hi = float("nan"), float("nan")
     return {"rate": est, "lo": lo, "hi": hi, "n": n}
