@@ -67,11 +67,12 @@ def test_the_power_curve_rises_from_the_threshold_to_the_alternative():
     study = get_study("jailbreak-transfer")
     cal = study.calibration
     between = [cal.null_effect + f * (cal.alternative_effect - cal.null_effect) for f in (0.3, 0.7)]
-    res = calibrate(study, 40, seed=2, effects=between)
+    res = calibrate(study, 20, seed=2, effects=between)
     rates = [res["null"]["holds_rate"], *(r["holds_rate"] for r in res["curve"]), res["alternative"]["holds_rate"]]
     assert [r["effect"] for r in res["curve"]] == between
     assert rates == sorted(rates) and rates[-1] > rates[0]
-    assert res["calibrated"] == calibrate(study, 40, seed=2)["calibrated"]
+    plain = calibrate(study, 20, seed=2)  # the curve draws its own streams: the null and alternative are untouched
+    assert all(res[k] == plain[k] for k in ("null", "alternative", "calibrated"))
     out = _cli("calibrate", "jailbreak-transfer", "--n", "10", "--effects", "0.2,0.3", "--json")
     assert out.returncode in (0, 1), out.stderr
     assert [(r["effect"], sum(r["verdicts"].values())) for r in json.loads(out.stdout)["curve"]] == [(0.2, 10), (0.3, 10)]
