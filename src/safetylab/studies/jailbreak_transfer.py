@@ -301,7 +301,6 @@ def _kind(name: str) -> str:
     return _spec(name)[0]
 
 
-
 def _overrides(config: Config, kind: str) -> dict[str, Any] | None:
     return config.arch_overrides(kind) if kind in ARCH_KINDS else None
 
