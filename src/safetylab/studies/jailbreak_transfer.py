@@ -118,6 +118,10 @@ class Config(OrganismStudyConfig):
     """GCG candidates per step (Zou et al.: 512)."""
     topk: int = Field(256, ge=1)
     """GCG tokens per position (Zou et al.: 256)."""
+    gcg_n_replace: int = Field(1, ge=1)
+    """Suffix positions each GCG candidate changes at once (Zou et al.: 1; nanoGCG's ``n_replace``). At quick scale 2
+    was no better: the kept suffixes met 7, 12, 13, 8 and 7 of 18 training targets on sources sft@0-4 against 12, 11,
+    10, 10 and 12 with 1, and the source control read 0.43 [0.23, 0.63] against 0.40 [0.17, 0.63]."""
     gcg_select: Literal["loss", "targets"] = "loss"
     """Which step's suffix each source keeps: ``loss``, the lowest objective (Zou et al.); ``targets``, the one that
     makes greedy decoding emit the most training targets exactly (the search is the same)."""
@@ -506,7 +510,7 @@ def _run_source(config: Config, ctx: Context, unit: Unit, world: Any, reqs: dict
     train = reqs["train"]
     settings = GCGConfig(n_steps=config.gcg_steps, suffix_length=config.suffix_length, search_width=config.search_width,
                          topk=config.topk, early_stop=True, progressive=config.progressive, seed=seed % (2**31),
-                         select=config.gcg_select)
+                         select=config.gcg_select, n_replace=config.gcg_n_replace)
 
     def attack(**extra: Any) -> dict[str, Any]:
         from dataclasses import replace
@@ -569,7 +573,7 @@ def _run_real_source(config: Config, ctx: Context, unit: Unit) -> dict[str, Any]
     res = gcg(src, train, [config.real_target] * len(train),
               GCGConfig(n_steps=config.gcg_steps, suffix_length=config.suffix_length, search_width=config.search_width,
                         topk=config.topk, early_stop=True, progressive=config.progressive, seed=seed,
-                        select=config.gcg_select))
+                        select=config.gcg_select, n_replace=config.gcg_n_replace))
     suffixes = {"gcg": res.suffix,
                 **{f"random{i}": src.decode(random_suffix(src, config.suffix_length, rng))
                    for i in range(config.n_random_suffixes)}, "none": ""}
