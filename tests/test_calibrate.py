@@ -78,8 +78,9 @@ def test_the_power_curve_rises_from_the_threshold_to_the_alternative():
     assert [(r["effect"], sum(r["verdicts"].values())) for r in json.loads(out.stdout)["curve"]] == [(0.2, 10), (0.3, 10)]
 
 
-def test_bad_effects_are_one_line_exit_2():
-    out = _cli("calibrate", "jailbreak-transfer", "--effects", "0.2,big")
+@pytest.mark.parametrize("args", [["--effects", "0.2,big"], ["--effects", "0.2", "--against", "."]])
+def test_bad_effects_are_one_line_exit_2(args):
+    out = _cli("calibrate", "jailbreak-transfer", *args)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "--effects" in lines[0]

@@ -514,6 +514,8 @@ def calibrate_cmd(
         raise UserError(f"--effects {effects!r}: give numbers separated by commas, e.g. --effects 0.15,0.2,0.3") \
             from None
     if against is not None:
+        if curve:
+            raise UserError("--effects draws a power curve and --against compares one run's spread; run them apart")
         cmp = compare_spread(st, against, min(n, 200), seed=seed)
         if as_json:
             _print_json(cmp)
