@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_fixtures import run_cli
 
 from safetylab.calibrate import calibrate
 from safetylab.studies import REGISTRY, get_study
@@ -61,7 +62,7 @@ def test_calibrate_without_simulator_is_one_line_exit_2(tmp_path, monkeypatch):
     assert len(lines) == 1 and "no simulator" in lines[0]
 
 
-def test_the_power_curve_rises_from_the_threshold_to_the_alternative():
+def test_the_power_curve_rises_from_the_threshold_to_the_alternative(capsys):
     """--effects adds a row per true effect: power between the threshold and the alternative, where the design's
     resolution shows. It grows with the effect, and the calibration verdict is unchanged by it."""
     study = get_study("jailbreak-transfer")
@@ -73,14 +74,14 @@ def test_the_power_curve_rises_from_the_threshold_to_the_alternative():
     assert rates == sorted(rates) and rates[-1] > rates[0]
     plain = calibrate(study, 20, seed=2)  # the curve draws its own streams: the null and alternative are untouched
     assert all(res[k] == plain[k] for k in ("null", "alternative", "calibrated"))
-    out = _cli("calibrate", "jailbreak-transfer", "--n", "10", "--effects", "0.2,0.3", "--json")
-    assert out.returncode in (0, 1), out.stderr
-    assert [(r["effect"], sum(r["verdicts"].values())) for r in json.loads(out.stdout)["curve"]] == [(0.2, 10), (0.3, 10)]
+    code, out, err = run_cli(["calibrate", "jailbreak-transfer", "--n", "10", "--effects", "0.2,0.3", "--json"], capsys)
+    assert code in (0, 1), err
+    assert [(r["effect"], sum(r["verdicts"].values())) for r in json.loads(out)["curve"]] == [(0.2, 10), (0.3, 10)]
 
 
 @pytest.mark.parametrize("args", [["--effects", "0.2,big"], ["--effects", "0.2", "--against", "."]])
-def test_bad_effects_are_one_line_exit_2(args):
-    out = _cli("calibrate", "jailbreak-transfer", *args)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
+def test_bad_effects_are_one_line_exit_2(args, capsys):
+    code, _, err = run_cli(["calibrate", "jailbreak-transfer", *args], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and "--effects" in lines[0]

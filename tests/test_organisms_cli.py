@@ -210,8 +210,11 @@ def test_a_folder_that_is_not_an_organism_is_rejected(tmp_path):
         (["NOT_AN_ORGANISM"], "is not a complete organism"),
     ],
 )
-def test_bad_multi_seed_eval_input_is_one_line_and_exit_2(args, message, tmp_path):
-    """Through the installed entry point, in a fresh process: nothing is trained or written."""
+def test_bad_multi_seed_eval_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
+    """Through the safetylab entry point (in-process; the fresh-process path is the test below): nothing is trained
+    or written."""
+    from cli_fixtures import run_cli
+
     folder = tmp_path / "not_an_organism"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
@@ -219,12 +222,24 @@ def test_bad_multi_seed_eval_input_is_one_line_and_exit_2(args, message, tmp_pat
     args = [str(folder) if a == "NOT_AN_ORGANISM" else a for a in args]
     if "--variant" in args:
         args += ["--cache-dir", str(cache)]
-    proc = subprocess.run([sys.executable, "-m", "safetylab.cli", "organism", "eval", *args],
+    code, out, err = run_cli(["organism", "eval", *args], capsys)
+    assert code == 2, err
+    assert out == ""
+    err = err.strip()
+    assert err.startswith("safetylab: error:") and message in err and "\n" not in err, err
+    assert not cache.exists()
+
+
+def test_bad_eval_input_in_a_fresh_process_is_one_line_and_exit_2(tmp_path):
+    """The installed entry point in a fresh process, as a user's shell runs it: one line, exit 2, nothing written."""
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-m", "safetylab.cli", "organism", "eval", "--variant", "sft,rlhf",
+                           "--cache-dir", str(cache)],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     err = proc.stderr.strip()
-    assert err.startswith("safetylab: error:") and message in err and "\n" not in err, err
+    assert err.startswith("safetylab: error:") and "unknown organism variant 'rlhf'" in err and "\n" not in err, err
     assert not cache.exists()
 
 

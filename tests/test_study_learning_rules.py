@@ -361,7 +361,10 @@ def _one_line_exit_2(out, *needles):
         assert needle in lines[0]
 
 
-def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys):
+    from cli_fixtures import run_cli
+
+    monkeypatch.chdir(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
     short = make_idx_folder(tmp_path / "short", labels_short_by=7)
@@ -374,8 +377,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path):
         (["--set", "seeds=1"], ["seeds"]),
         (["--set", "extensions=[backprop]"], ["extensions"]),
     ]
-    for args, needles in cases:
-        _one_line_exit_2(_cli("run", "learning-rules", *args, "--out", str(out), "--quiet", cwd=tmp_path), *needles)
+    for args, needles in cases:  # in-process: the entry point as a shell calls it, without an interpreter start each
+        code, _, err = run_cli(["run", "learning-rules", *args, "--out", str(out), "--quiet"], capsys)
+        _one_line_exit_2(SimpleNamespace(returncode=code, stderr=err), *needles)
     assert not out.exists()
 
 
