@@ -12,8 +12,7 @@ from cli_fixtures import run_cli
 from safetylab.audit import audit_records
 from safetylab.claims import Verdict
 from safetylab.study import Context, torch_threads
-from safetylab.studies import jailbreak_transfer as STUDY_MODULE
-from safetylab.studies.jailbreak_transfer import CLAIM, STUDY, SAME_BASE, _arm
+from safetylab.studies.jailbreak_transfer import CLAIM, STUDY, SAME_BASE, _arm, _organism_request
 
 # Tiny organisms resist GCG as sft (2 layers, width 64), so the tiny run attacks from sft-late (only its last layer
 # safety-trained). Independent target: sft-small, a 1-layer model pretrained from its own base at seed 1, the first
@@ -117,7 +116,7 @@ def test_architecture_targets_share_no_pretraining_with_any_source(scale):
     arch = [n for n in config.target_names() if n.split("@")[0] in ("sft-small", "sft-narrow")]
     assert arch == [f"sft-small@{config.arch_seed()}", f"sft-narrow@{config.arch_seed()}"]
     for name in arch:
-        request = STUDY_MODULE._organism_request(config, name)
+        request = _organism_request(config, name)
         assert request.config().base_seed is None and request.seed not in source_bases  # its own base, a new seed
         assert all(_arm(config, s, name) == name.split("@")[0] for s in config.source_names())
 
