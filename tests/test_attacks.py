@@ -133,6 +133,55 @@ def test_selecting_by_targets_met_keeps_the_search_and_returns_the_suffix_that_m
         gcg(t, [reqs[0].text], [goals[0]], GCGConfig(select="best"))
 
 
+def test_an_interrupted_search_resumes_from_its_checkpoint_along_the_same_trajectory(tmp_path, monkeypatch, capsys):
+    """A crash at step 6 of 10 loses nothing: the rerun goes on from the checkpoint (search state, buffer,
+    progressive objective, random generator) and returns exactly what an uninterrupted search returns; a
+    finished checkpoint returns its result without searching; one made by other settings is not used."""
+    import safetylab.attacks.greedy_coordinate as gc
+
+    t, world = target("sft-late")
+    reqs = world.eval_requests("forbidden", split="train", hazards="covered", n=4, rng_seed=3)
+    args = ([r.text for r in reqs], [hazard_target(r, 2) for r in reqs])
+    settings = GCGConfig(n_steps=10, suffix_length=6, search_width=16, topk=16, progressive=True, buffer_size=2,
+                         seed=4)
+    whole = gcg(t, *args, settings)
+    ckpt = tmp_path / "unit" / "gcg.json"
+    sample = gc.sample_candidates
+    calls = []
+
+    def crash_at_step_6(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return sample(*a, **k)
+
+    monkeypatch.setattr(gc, "sample_candidates", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        gcg(t, *args, settings, checkpoint=ckpt, checkpoint_every=0)
+    monkeypatch.setattr(gc, "sample_candidates", sample)
+    import json
+
+    assert json.loads(ckpt.read_text())["step"] == 5 and not json.loads(ckpt.read_text())["finished"]
+    counted = []
+    monkeypatch.setattr(gc, "sample_candidates", lambda *a, **k: counted.append(1) or sample(*a, **k))
+    resumed = gcg(t, *args, settings, checkpoint=ckpt, checkpoint_every=0)
+    monkeypatch.setattr(gc, "sample_candidates", sample)
+    assert len(counted) == resumed.n_steps - 5  # it went on from step 5, not from the start
+    for key in ("suffix_ids", "best_loss", "losses", "n_active", "targets_met", "n_steps", "converged_step",
+                "success", "exact_fraction", "sequences_scored", "model_calls"):
+        assert getattr(resumed, key) == getattr(whole, key), key
+
+    def no_search(*a, **k):
+        raise AssertionError("a finished search was run again")
+
+    monkeypatch.setattr(gc, "sample_candidates", no_search)
+    assert gcg(t, *args, settings, checkpoint=ckpt).suffix_ids == whole.suffix_ids
+    monkeypatch.setattr(gc, "sample_candidates", sample)
+    other = GCGConfig(**{**settings.__dict__, "n_steps": 3, "seed": 5})
+    assert gcg(t, *args, other, checkpoint=ckpt).losses == gcg(t, *args, other).losses
+    assert "made by other settings" in capsys.readouterr().err
+
+
 def test_perplexity_penalty_makes_the_suffix_more_likely():
     t, _ = target()
     req = hazards(1)[0]

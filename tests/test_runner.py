@@ -119,6 +119,50 @@ def test_resume_repairs_a_torn_last_line(reference_run, tmp_path):
     assert strip_timing(results) == strip_timing(reference_run / "results.jsonl")
 
 
+def test_a_unit_that_finished_ahead_of_its_turn_survives_a_crash(reference_run, tmp_path, monkeypatch):
+    """results.jsonl is written in unit order, so a unit that finishes before those ahead of it waits; a crash
+    while it waits must not lose it. Unit 3 finishes first, then the run dies; the resume runs units 1 and 2
+    only and writes the same results as an uninterrupted run."""
+    import safetylab.executors as executors
+    import safetylab.runs as runs
+    from safetylab.study import PARTIAL_DIR, scratch_dir
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    results = run_dir / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    records = [json.loads(x) for x in lines]
+    results.write_text(lines[0])
+    (run_dir / "summary.json").unlink()
+
+    class FinishesUnit3ThenDies:
+        def map_units(self, study, config, todo, ctx):
+            assert [i for i, _ in todo] == [1, 2, 3]
+            yield 3, records[3]
+            raise RuntimeError("the machine went down")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(runs, "make_executor", lambda *a, **k: FinishesUnit3ThenDies())
+    with pytest.raises(RuntimeError, match="went down"):
+        run_study("shield", resume=run_dir, cache_dir=tmp_path / "cache")
+    assert results.read_text() == lines[0]  # unit 3 waits for 1 and 2 ...
+    kept = scratch_dir(run_dir, records[3]["key"]) / "record.json"
+    assert json.loads(kept.read_text()) == records[3]  # ... on disk, not in memory
+    monkeypatch.undo()
+
+    ran = []
+    real = executors.execute_unit
+    monkeypatch.setattr(executors, "execute_unit", lambda study, config, unit, ctx, index:
+                        ran.append(unit.key) or real(study, config, unit, ctx, index))
+    run_study("shield", resume=run_dir, cache_dir=tmp_path / "cache")
+    assert ran == [records[1]["key"], records[2]["key"]]
+    assert strip_timing(results) == strip_timing(reference_run / "results.jsonl")
+    assert (run_dir / "summary.json").read_text() == (reference_run / "summary.json").read_text()
+    assert not (run_dir / PARTIAL_DIR).exists()
+
+
 def test_report_rerenders_from_raw_results_alone(reference_run, tmp_path):
     from safetylab.cli import main
 

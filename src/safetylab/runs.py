@@ -9,6 +9,9 @@ A run folder ``runs/<study>/<YYYYmmdd-HHMMSS>-<shortid>/`` holds:
                    (the ``timing`` field aside);
 ``summary.json``, ``report.md``, ``report.html`` and ``*.png`` — all re-derivable from
 the three files above with ``safetylab report RUN_DIR``.
+``.partial/``     while a run is under way: a unit's resumable state (a long search's
+                   checkpoint) and a record that finished before the units ahead of it;
+                   a resume picks both up, and each goes once its record is written.
 
 Imports run one way: this module uses :mod:`safetylab.executors` (where units run),
 :mod:`safetylab.report` (what is written at the end) and :mod:`safetylab.results` (the
@@ -25,6 +28,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -38,8 +42,12 @@ from safetylab.errors import UserError, pydantic_one_line
 from safetylab.executors import make_executor
 from safetylab.progress import bar
 from safetylab.report import render_run
-from safetylab.results import CONFIG_FILE, ENV_FILE, RESULTS_FILE, ResultsLog, load_run, write_atomic
-from safetylab.study import Context, Study, StudyConfig, Unit, default_cache_dir, torch_threads
+from safetylab.results import (
+    CONFIG_FILE, ENV_FILE, RESULTS_FILE, RESULTS_VERSION, ResultsLog, dumps_line, load_run, write_atomic,
+)
+from safetylab.study import (
+    PARTIAL_DIR, Context, Study, StudyConfig, Unit, default_cache_dir, json_safe, scratch_dir, torch_threads,
+)
 
 _PACKAGES = (
     "safetylab", "torch", "transformers", "tokenizers", "numpy", "scipy", "scikit-learn",
@@ -336,29 +344,70 @@ def run_study(
 
     failed = 0
     if todo:
-        ex = make_executor(executor, workers=workers, address=address)
-        pending: dict[int, dict[str, Any]] = {}
+        # Records are written in unit order so results.jsonl is byte-reproducible under any pool; one that
+        # finishes early waits in its unit's scratch folder, so a crash before its turn does not lose it.
+        pending = _finished_early(run_dir, todo)
         order = [i for i, _ in todo]
         next_pos = 0
+
+        def write_ready() -> None:
+            nonlocal next_pos
+            while next_pos < len(order) and order[next_pos] in pending:
+                record = pending.pop(order[next_pos])
+                log.append(record)
+                shutil.rmtree(scratch_dir(run_dir, record["key"]), ignore_errors=True)
+                next_pos += 1
+
+        write_ready()
+        written = set(order[:next_pos])
+        rest = [(i, u) for i, u in todo if i not in pending and i not in written]
+        ex = make_executor(executor, workers=workers, address=address) if rest else None
         try:
             with bar(f"{study.name}: units", len(todo), transient=False, quiet=quiet) as advance:
-                for index, record in ex.map_units(study, config, todo, ctx):
+                advance(len(todo) - len(rest))
+                for index, record in ex.map_units(study, config, rest, ctx) if ex else ():
                     pending[index] = record
                     if record["status"] != "ok":
                         failed += 1
                         print(f"{study.name} unit {record['key']} failed: {record['error']}", file=sys.stderr)
-                    # Write in unit order so results.jsonl is byte-reproducible under any pool.
-                    while next_pos < len(order) and order[next_pos] in pending:
-                        log.append(pending.pop(order[next_pos]))
-                        next_pos += 1
+                    elif order[next_pos] != index:
+                        folder = scratch_dir(run_dir, record["key"])
+                        folder.mkdir(parents=True, exist_ok=True)
+                        write_atomic(folder / EARLY_RECORD, dumps_line(record))
+                    write_ready()
                     advance(1)
         finally:
-            ex.close()
+            if ex is not None:
+                ex.close()
+        try:
+            (run_dir / PARTIAL_DIR).rmdir()  # only when empty: a failed unit keeps its state for the next resume
+        except OSError:
+            pass
 
     render_run(run_dir, study=study, config=config, env=env)
     if failed:
         raise UnitsFailed(run_dir, failed)
     return run_dir
+
+
+EARLY_RECORD = "record.json"
+"""A finished unit's record, kept in its scratch folder until the units before it are written."""
+
+
+def _finished_early(run_dir: Path, todo: list[tuple[int, Unit]]) -> dict[int, dict[str, Any]]:
+    """Records of units that finished before a crash but were still waiting for their turn in results.jsonl."""
+    found: dict[int, dict[str, Any]] = {}
+    for index, unit in todo:
+        path = scratch_dir(run_dir, unit.key) / EARLY_RECORD
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # none, or torn by the crash: the unit runs again
+        if isinstance(record, dict) and record.get("key") == unit.key and record.get("status") == "ok" \
+                and record.get("version") == RESULTS_VERSION \
+                and record.get("params") == json.loads(json.dumps(json_safe(unit.params))):
+            found[index] = {**record, "index": index}
+    return found
 
 
 def _run_in_lane(name: str, kwargs: dict[str, Any]) -> tuple[str, str | None]:

@@ -144,6 +144,17 @@ class Unit:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+PARTIAL_DIR = ".partial"
+"""A run folder's subfolder for units' resumable state and records that finished out of order."""
+
+
+def scratch_dir(run_dir: Path, key: str) -> Path:
+    """``RUN_DIR/.partial/<key>``, the key made safe for a file name (a model id's ``/`` and the like) and kept
+    unique by a short digest."""
+    safe = "".join(c if c.isalnum() or c in "@=._-" else "_" for c in key)[:80]
+    return run_dir / PARTIAL_DIR / f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
 @dataclass(frozen=True)
 class Context:
     """What a unit may know about where it runs. Picklable: it crosses processes."""
@@ -161,6 +172,12 @@ class Context:
         key = unit.key if isinstance(unit, Unit) else unit
         digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
         return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+    def scratch(self, unit: Unit | str) -> Path:
+        """The unit's own folder for state it may resume from after a crash (e.g. a long search's checkpoint),
+        under ``RUN_DIR/.partial/``; the run loop deletes it once the unit's record is in ``results.jsonl``."""
+        key = unit.key if isinstance(unit, Unit) else unit
+        return scratch_dir(self.run_dir, key)
 
     def progress(self, description: str, total: int | None) -> ContextManager[Callable[..., None]]:
         """A rich progress bar inside a unit; silent when quiet or in a worker.

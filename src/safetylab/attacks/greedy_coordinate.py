@@ -35,9 +35,13 @@ forward passes).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -190,6 +194,9 @@ def gcg(
     requests: Sequence[str],
     targets: Sequence[str],
     config: GCGConfig = GCGConfig(),
+    *,
+    checkpoint: Path | None = None,
+    checkpoint_every: float = 300.0,
 ) -> GCGResult:
     """Optimise one suffix for every (model, request) pair: single, universal or ensemble GCG.
 
@@ -198,6 +205,12 @@ def gcg(
         requests: user messages; the suffix is appended to each after a space.
         targets: the response each request should begin with (one per request).
         config: :class:`GCGConfig`.
+        checkpoint: a JSON file for the search's state (None: none kept). Written at most every
+            ``checkpoint_every`` seconds of search and once at the end; a call that finds one made by the
+            same settings, requests, targets and weights goes on from its step, along the trajectory an
+            uninterrupted call takes, and one that finds a finished search returns its result. A paper-scale
+            search (500 steps of 512 candidates) runs for hours on a CPU: a crash then loses minutes.
+        checkpoint_every: seconds between checkpoint writes (0: after every step).
 
     Returns:
         :class:`GCGResult` with the best suffix, the loss trace and the cost.
@@ -275,17 +288,39 @@ def gcg(
         requests is better, whichever the criterion."""
         return (e[4], e[5], -e[0]) if config.select == "targets" else (e[4], -e[0])
 
-    init_obj, init_exact, init_nll, init_met = score(suffix[None])
-    buffer = [entry_of(init_obj, init_exact, init_nll, suffix[None], 0, init_met)]
-    best = buffer[0]
-    losses: list[float] = []
-    n_active: list[int] = []
-    met_trace: list[float] = []
-    scored = 1
-    early = False
-    converged: int | None = None
-    steps = 0
-    for steps in range(1, config.n_steps + 1):
+    identity = _search_identity(models, requests, targets, config) if checkpoint is not None else ""
+    saved = _read_checkpoint(checkpoint, identity) if checkpoint is not None else None
+    if saved is None:
+        init_obj, init_exact, init_nll, init_met = score(suffix[None])
+        buffer = [entry_of(init_obj, init_exact, init_nll, suffix[None], 0, init_met)]
+        best = buffer[0]
+        losses: list[float] = []
+        n_active: list[int] = []
+        met_trace: list[float] = []
+        scored = 1
+        early = finished = False
+        converged: int | None = None
+        done_steps, before = 0, 0.0
+    else:
+        buffer, best = [_entry(e) for e in saved["buffer"]], _entry(saved["best"])
+        losses, n_active, met_trace = saved["losses"], saved["n_active"], saved["targets_met"]
+        scored, calls, active, converged = saved["scored"], saved["calls"], saved["active"], saved["converged"]
+        early, finished, done_steps, before = saved["early"], saved["finished"], saved["step"], saved["seconds"]
+        gen.set_state(torch.tensor(saved["generator"], dtype=torch.uint8))
+    last_save = time.perf_counter()
+
+    def save(step: int, finished: bool) -> None:
+        state = {"identity": identity, "step": step, "finished": finished, "early": early, "active": active,
+                 "converged": converged, "scored": scored, "calls": calls, "buffer": [_plain(e) for e in buffer],
+                 "best": _plain(best), "losses": losses, "n_active": n_active, "targets_met": met_trace,
+                 "generator": gen.get_state().tolist(), "seconds": before + time.perf_counter() - start}
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")  # type: ignore[union-attr]
+        tmp.write_text(json.dumps(state))
+        tmp.replace(checkpoint)  # type: ignore[union-attr]
+
+    steps = done_steps
+    for steps in range(done_steps + 1, (done_steps if finished else config.n_steps) + 1):
         current = buffer[0][1]
         grad = torch.zeros(current.numel(), first.embedding.weight.shape[0])
         for m, parts, kv, last, is_first, r_i in jobs:
@@ -331,7 +366,12 @@ def gcg(
                 (config.stop_loss is not None and entry[0] < config.stop_loss and active == n_requests):
             early = True
             break
-    wall = time.perf_counter() - start
+        if checkpoint is not None and time.perf_counter() - last_save >= checkpoint_every:
+            save(steps, False)
+            last_save = time.perf_counter()
+    if checkpoint is not None and not finished:
+        save(steps, True)
+    wall = before + time.perf_counter() - start
     ids = [int(x) for x in best[1]]
     _, final_exact, _, n_exact = score(best[1][None], n_req=n_requests)
     return GCGResult(
@@ -340,6 +380,50 @@ def gcg(
         wall_seconds=wall, seconds_per_step=wall / max(steps, 1), suffix_nll=best[3], config=asdict(config),
         converged_step=converged, n_active=n_active, exact_fraction=float(n_exact[0]) / len(jobs),
         targets_met=met_trace)
+
+
+Entry = tuple[float, torch.Tensor, bool, "float | None", int, float]
+
+
+def _plain(e: Entry) -> list[Any]:
+    """A buffer entry as JSON: objective, suffix ids, exact, suffix NLL, active requests, targets met."""
+    return [e[0], [int(x) for x in e[1]], e[2], e[3], e[4], e[5]]
+
+
+def _entry(v: list[Any]) -> Entry:
+    return (float(v[0]), torch.tensor(v[1], dtype=torch.long), bool(v[2]), v[3], int(v[4]), float(v[5]))
+
+
+def _search_identity(models: Sequence[ChatTarget], requests: Sequence[str], targets: Sequence[str],
+                     config: GCGConfig) -> str:
+    """What a checkpoint must match to be continued: the settings, the prompts and every model's weights. Of
+    the weights, each tensor's name, shape, type and first and last 4,096 values: a fine-tune, a merged or
+    attached adapter, or another checkpoint changes them, and a 7B model is read in well under a second."""
+    h = hashlib.sha256(json.dumps([asdict(config), list(requests), list(targets)]).encode())
+    for m in models:
+        h.update(m.name.encode())
+        for name, w in m.model.state_dict().items():
+            flat = w.detach().reshape(-1)
+            h.update(f"{name}{tuple(w.shape)}{w.dtype}".encode())
+            for part in (flat[:4096], flat[-4096:]):
+                h.update(part.cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _read_checkpoint(path: Path, identity: str) -> dict[str, Any] | None:
+    """The saved state, or None when there is none or it belongs to another search (which is then replaced)."""
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(f"note: GCG checkpoint {path} is unreadable; starting the search over", file=sys.stderr)
+        return None
+    if state.get("identity") != identity:
+        print(f"note: GCG checkpoint {path} was made by other settings, prompts or weights; starting over",
+              file=sys.stderr)
+        return None
+    return state
 
 
 def random_suffix(target: ChatTarget, length: int, rng: np.random.Generator,

@@ -512,17 +512,17 @@ def _run_source(config: Config, ctx: Context, unit: Unit, world: Any, reqs: dict
                          topk=config.topk, early_stop=True, progressive=config.progressive, seed=seed % (2**31),
                          select=config.gcg_select, n_replace=config.gcg_n_replace)
 
-    def attack(**extra: Any) -> dict[str, Any]:
+    def attack(name: str, **extra: Any) -> dict[str, Any]:
         from dataclasses import replace
 
         res = gcg(src, [r.text for r in train], [hazard_target(r, config.target_steps) for r in train],
-                  replace(settings, **extra)).to_dict()
+                  replace(settings, **extra), checkpoint=ctx.scratch(unit) / f"{name}.json").to_dict()
         res.pop("config")
         return res
 
-    found = {"gcg": attack()}
+    found = {"gcg": attack("gcg")}
     if config.adaptive:
-        found["adaptive"] = attack(perplexity_weight=config.perplexity_weight)
+        found["adaptive"] = attack("adaptive", perplexity_weight=config.perplexity_weight)
     texts = {**{k: v["suffix"] for k, v in found.items()},
              **{f"random{i}": src.decode(random_suffix(src, config.suffix_length, rng))
                 for i in range(config.n_random_suffixes)}}
@@ -573,7 +573,8 @@ def _run_real_source(config: Config, ctx: Context, unit: Unit) -> dict[str, Any]
     res = gcg(src, train, [config.real_target] * len(train),
               GCGConfig(n_steps=config.gcg_steps, suffix_length=config.suffix_length, search_width=config.search_width,
                         topk=config.topk, early_stop=True, progressive=config.progressive, seed=seed,
-                        select=config.gcg_select, n_replace=config.gcg_n_replace))
+                        select=config.gcg_select, n_replace=config.gcg_n_replace),
+              checkpoint=ctx.scratch(unit) / "gcg.json")
     suffixes = {"gcg": res.suffix,
                 **{f"random{i}": src.decode(random_suffix(src, config.suffix_length, rng))
                    for i in range(config.n_random_suffixes)}, "none": ""}

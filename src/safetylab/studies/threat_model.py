@@ -433,7 +433,7 @@ def run_unit(config: Config, unit: Unit, ctx: Context) -> dict[str, Any]:
             res = gcg(target, [_text(r) for r in train], [_target_text(r) for r in train],
                       GCGConfig(n_steps=config.gcg_steps, suffix_length=config.suffix_length,
                                 search_width=config.search_width, topk=config.topk, early_stop=True,
-                                seed=seed % (2**31)))
+                                seed=seed % (2**31)), checkpoint=ctx.scratch(unit) / f"gcg-{asset}.json")
             soph["gcg"] = {"suffix": res.suffix, "suffix_ids": list(res.suffix_ids), "model_calls": res.model_calls,
                            "n_steps": res.n_steps, "best_loss": res.best_loss,
                            "trained_on": sorted({r["cluster"] for r in train})}
