@@ -206,6 +206,17 @@ def test_failed_control_makes_it_inconclusive():
     assert v.verdict is Verdict.INCONCLUSIVE and "control failed: no hazard signal is unsafe" in v.reason
 
 
+def test_one_shielded_entry_on_one_seed_fails_the_shield_control():
+    """The shield is deterministic: a single episode that enters a hazard with it on shows it failed, however
+    many seeds stayed out (an interval over seeds would call 1 of 20 episodes on 1 of 16 seeds 'not demonstrable')."""
+    cfg, records = _sim(0.7)
+    assert STUDY.analyze(cfg, records).verdict.verdict is Verdict.HOLDS
+    shielded = _by_arm(records)["shield+penalty"]["eval"]["deterministic"]["shielded"]
+    shielded["hazard_steps"][3][0] = 2
+    v = STUDY.analyze(cfg, records).verdict
+    assert v.verdict is Verdict.INCONCLUSIVE and "control failed: the shield works" in v.reason
+
+
 def test_without_the_primary_arms_the_verdict_is_inconclusive():
     cfg, records = _sim(0.7, arms=("none",))
     analysis = STUDY.analyze(cfg, records)

@@ -242,7 +242,8 @@ CLAIM = Claim(
         ),
         Control(
             name="the shield works", kind="negative", arms=(TREATMENT,),
-            measure="hazard-entry fraction of shield+penalty evaluated with the shield, mean over seeds",
+            measure="hazard-entry fraction of shield+penalty evaluated with the shield, largest over seeds "
+                    "(exact: the shield is deterministic, so one entry on any seed is a failure)",
             threshold=0.0,
             reason=(
                 "the CBF shield keeps its safe set forward invariant (safetylab.rl.shield), so a shielded agent "
@@ -566,6 +567,15 @@ def control_evidence(config: Config, by_arm: dict[str, dict[str, Any]], entry: d
             continue
         arm, mode, what = CONTROL_MEASURES[control.name]
         rates = (entry if what == "entry" else success)[(arm, "deterministic", mode)]
+        if mode == "shielded" and what == "entry":
+            # Not a rate to estimate: the shield keeps its safe set invariant by construction, so any entry on
+            # any seed demonstrates that it failed. The largest seed's fraction, exact, is what is judged.
+            worst = float(rates.max()) if rates.size else math.nan
+            values[control.name] = Interval(worst, worst, worst, n=int(rates.size),
+                                            method=f"largest over {rates.size} seeds (exact)")
+            details[control.name] = (f"'{arm}' with the shield: hazard-entry fraction at most {worst:.2f} on any "
+                                     f"of {rates.size} seeds ({config.eval_episodes} episodes each); must be 0")
+            continue
         iv = rate_over_seeds(rates, config.eval_episodes)
         values[control.name] = iv
         quantity = "hazard-entry fraction" if what == "entry" else "goal success"
