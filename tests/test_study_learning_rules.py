@@ -251,6 +251,20 @@ def test_controls_can_fail():
     assert out.controls[1].status == "fail" and out.verdict.verdict is Verdict.INCONCLUSIVE
 
 
+def test_a_rule_that_never_reaches_the_matched_accuracy_leaves_the_premise_unmet():
+    """The claim is about rules at equal accuracy: runs read at the end of training because they never got there
+    make the verdict inconclusive and name the rule, whichever way the ratio points."""
+    config = STUDY.resolve_config("quick", STUDY.calibration.overrides)
+    records = STUDY.simulate(config, 10.0, np.random.default_rng(0))
+    assert STUDY.analyze(config, records).verdict.verdict is Verdict.HOLDS
+    for r in records:
+        if r["params"]["arm"] == "forward_forward" and r["params"]["seed"] == 1:
+            r["result"]["matched"] = None
+    v = STUDY.analyze(config, records).verdict
+    assert v.verdict is Verdict.INCONCLUSIVE and "premise not met" in v.reason
+    assert "equal accuracy" in v.reason and "FF runs never reached" in v.reason
+
+
 def test_each_control_is_judged_on_its_own_measure_whatever_the_order(monkeypatch):
     config = STUDY.resolve_config("quick", STUDY.calibration.overrides)
     records = STUDY.simulate(config, 10.0, np.random.default_rng(0))
