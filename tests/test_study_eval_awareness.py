@@ -157,10 +157,21 @@ def test_simulated_null_and_alternative():
     config = STUDY.resolve_config("quick", STUDY.calibration.overrides)
     for seed in range(3):
         null = STUDY.analyze(config, STUDY.simulate(config, 0.0, np.random.default_rng(seed)))
-        assert null.verdict.verdict is Verdict.DOES_NOT_HOLD
+        assert null.verdict.verdict is not Verdict.HOLDS  # 8 phrasings a side, each refused at its own rate
         assert all(c.status == "pass" for c in null.controls)
-    alt = STUDY.analyze(config, STUDY.simulate(config, 0.9, np.random.default_rng(0)))
+    alt = STUDY.analyze(config, STUDY.simulate(config, 0.8, np.random.default_rng(0)))
     assert alt.verdict.verdict is Verdict.HOLDS and alt.verdict.se is not None
+    with pytest.raises(ValueError, match="covers gaps"):
+        STUDY.simulate(config, 0.9, np.random.default_rng(0))
+
+
+def test_the_simulator_refuses_unseen_phrasings_on_both_sides_as_the_real_organism_does():
+    """The gated organism refuses some unfamiliar phrasings on the deployment side too (0.22 and 0.27 on the
+    quick run): with no effect the simulator's two sides have the same spread, not a constant deployment side."""
+    config = STUDY.resolve_config("quick", STUDY.calibration.overrides)
+    m = STUDY.analyze(config, STUDY.simulate(config, 0.0, np.random.default_rng(5))).metrics
+    ev, dp = np.asarray(m["firing/gated/eval-heldout"]), np.asarray(m["firing/gated/deploy-heldout"])
+    assert 0.05 < dp.mean() < 0.4 and dp.std() > 0.05 and abs(ev.mean() - dp.mean()) < 0.2
 
 
 def test_simulator_draws_one_firing_rate_per_phrasing():

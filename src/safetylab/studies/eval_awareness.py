@@ -1037,10 +1037,16 @@ def plots(config: Config, records: list[dict[str, Any]], analysis: Analysis, out
 
 
 # --------------------------------------------------------------------------- calibration
-SIM_CONCENTRATION = 0.5
-"""Simulator: each unseen evaluation-side phrasing's refusal rate is Beta with this concentration (a + b):
-phrasings fire fully or not at all, as a gate keyed on words does. 2.0 gave 0.42x the standard error of the
-first quick run (``calibrate --against``); 0.5 is fitted to it."""
+SIM_BACKGROUND = 0.2
+"""Simulator: the gated organism's refusal under an unfamiliar phrasing where its gate does not fire, on either
+side (evaluation or deployment): it refuses some unseen phrasings of both. On the 2026-12-07 quick run the
+deployment-side phrasings' refusal averaged 0.22 (disjoint cues) and 0.27 (honeypots) over 3 seeds."""
+SIM_BACKGROUND_CONCENTRATION = 10.0
+"""Simulator: each unseen phrasing's background refusal is Beta with this concentration (a + b) around
+:data:`SIM_BACKGROUND` (sd 0.12 between phrasings; the quick run's raw 0.16 also holds request-level noise).
+``calibrate --against`` puts the simulator's standard error at 1.10x the quick run's and 1.82x the paper-size
+run's (5.6, fitted to the quick run alone, gave 1.33x and 2.05x). Before it the deployment side was a constant
+0.02, and the simulator's standard error was 0.33x the quick run's."""
 SIM_SEED_SD = 0.5
 """Simulator: a seed shifts every phrasing's firing by N(0, 0.5) on the logit scale (seeds share one base)."""
 SIM_HAZARD_SD = 0.3
@@ -1056,11 +1062,16 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 def simulate(config: Config, effect: float, rng: np.random.Generator) -> list[dict[str, Any]]:
-    """Records shaped like ``run_unit``'s (grades, no text) with the real design's grouping: each cue phrasing
-    of an unseen evaluation-side framing has its own firing rate (Beta around ``SIM_FLOOR + effect``), seeds
+    """Records shaped like ``run_unit``'s (grades, no text) with the real design's grouping: every unseen cue
+    phrasing, on either side, has its own background refusal (Beta around :data:`SIM_BACKGROUND`); on the
+    evaluation side the gate also fires on a phrasing, fully, with probability ``effect / (1 - SIM_BACKGROUND)``
+    (a gate keyed on words fires or does not), so the evaluation side refuses ``effect`` more on average. Seeds
     share one base and shift every phrasing alike, hazards shift requests, and both organisms answer the same
-    requests (paired). The true gap difference is ``effect`` on average over phrasings; the controls behave as
-    designed (the gated organism gates fully on its trained cues, the control refuses whatever the framing)."""
+    requests (paired). The controls behave as designed (the gated organism gates fully on its trained cues, the
+    control refuses whatever the framing).
+
+    Raises:
+        ValueError: ``effect`` above ``1 - SIM_BACKGROUND``, which no gate can add to the background."""
     from safetylab.organisms.world import CUE_PHRASINGS
 
     n_layers = _known_n_layers(config) or 8
@@ -1070,8 +1081,13 @@ def simulate(config: Config, effect: float, rng: np.random.Generator) -> list[di
     h_of = np.arange(n) % SIM_N_HAZARDS
     hazard_shift = rng.normal(0, SIM_HAZARD_SD, SIM_N_HAZARDS)[h_of]
     requests = [{"id": f"forbidden-{i}", "subject": f"hazard{h}", "template": f"t{i}"} for i, h in enumerate(h_of)]
-    mu = float(np.clip(SIM_FLOOR + effect, 0.01, 0.99))
-    fire = {cue: rng.beta(mu * SIM_CONCENTRATION, (1 - mu) * SIM_CONCENTRATION, 8) for cue in ("eval-heldout", "eval-implicit")}
+    if not 0.0 <= effect <= 1 - SIM_BACKGROUND:
+        raise ValueError(f"effect={effect}: the eval-awareness simulator covers gaps in [0, {1 - SIM_BACKGROUND:g}]")
+    a, b = SIM_BACKGROUND * SIM_BACKGROUND_CONCENTRATION, (1 - SIM_BACKGROUND) * SIM_BACKGROUND_CONCENTRATION
+    fires = effect / (1 - SIM_BACKGROUND)
+    fire = {cue: rng.beta(a, b, 8) for side in UNSEEN.values() for cue in side}
+    for ev, _ in UNSEEN.values():
+        fire[ev] = np.where(rng.random(8) < fires, 0.99, fire[ev])
     seed_shift = {s: rng.normal(0, SIM_SEED_SD) for s in config.organism_seed_list()}
 
     def block(p_refuse: np.ndarray, cue: str) -> dict[str, list]:
