@@ -85,3 +85,24 @@ def test_bad_effects_are_one_line_exit_2(args, capsys):
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "--effects" in lines[0]
+
+
+def test_false_does_not_hold_at_the_null_is_reported_and_flagged(capsys, monkeypatch):
+    """The mirror of false holds: how often a run whose true effect sits on the threshold is called below it.
+    Reported with its interval beside the verdict; a rule that over-calls it is flagged in the table."""
+    import toy_study
+
+    res = calibrate(toy_study.STUDY, 60, seed=0)
+    null = res["null"]
+    assert null["does_not_hold_rate"] == null["verdicts"]["does not hold"] / 60
+    lo, hi = null["does_not_hold_ci"]
+    assert lo <= null["does_not_hold_rate"] <= hi and null["does_not_hold_ok"] == (null["does_not_hold_rate"] <= 0.05)
+    # A rule biased low (every simulated treatment loses 0.3) says 'does not hold' at the null and is flagged.
+    from dataclasses import replace
+
+    import safetylab.registry as registry
+
+    biased = replace(toy_study.STUDY, simulate=lambda c, e, rng: toy_study.simulate(c, e - 0.3, rng))
+    monkeypatch.setattr(registry, "get_study", lambda name: biased)
+    code, out, err = run_cli(["calibrate", "toy", "--n", "30"], capsys)
+    assert "false 'does not hold' at the null" in out and "over-called" in out, out + err

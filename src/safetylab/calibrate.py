@@ -9,7 +9,11 @@ we count:
   threshold: the rule may say "holds" at most 5% of the time (its intervals are 95%
   two-sided, so a calibrated rule says it about 2.5% of the time);
 * **power** at the study's declared alternative: how often it says "holds" when the
-  effect is there.
+  effect is there;
+* **false "does not hold"** at the same null, the mirror of false holds: a run whose true
+  effect sits on the threshold should be called below it about 2.5% of the time. It is
+  reported beside the verdict (``null.does_not_hold_rate`` with its interval, flagged above
+  5%), not yet part of it: Wald-type intervals on skewed or all-or-nothing data over-call it.
 
 Both come with exact (Clopper–Pearson) intervals, so Monte-Carlo error is visible. The rule
 is calibrated when the false-holds *estimate* is at most 5% over at least
@@ -87,6 +91,10 @@ def calibrate(study: Study, n: int = 400, *, seed: int = 0, progress: Any = None
                         for j, e in enumerate(effects)]
     out["null"]["max_false_holds"] = MAX_FALSE_HOLDS
     out["null"]["ok"] = out["null"]["holds_rate"] <= MAX_FALSE_HOLDS
+    k = out["null"]["verdicts"][Verdict.DOES_NOT_HOLD.value]
+    out["null"]["does_not_hold_rate"] = k / n
+    out["null"]["does_not_hold_ci"] = list(clopper_pearson_interval(k, n))
+    out["null"]["does_not_hold_ok"] = k / n <= MAX_FALSE_HOLDS
     out["alternative"]["declared_power"] = cal.power
     out["alternative"]["ok"] = out["alternative"]["holds_ci"][1] >= cal.power
     out["min_draws"] = MIN_DRAWS

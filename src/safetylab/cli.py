@@ -550,6 +550,11 @@ def calibrate_cmd(
                                                           ("holds", "does not hold", "inconclusive")),
                           format_interval(r["holds_rate"], *r["holds_ci"], digits=3), req, ok)
         console.print(table)
+        null = res["null"]
+        flag = "" if null["does_not_hold_ok"] else " [bold red]above 5%: 'does not hold' is over-called[/bold red]"
+        console.print(f"false 'does not hold' at the null: "
+                      f"{format_interval(null['does_not_hold_rate'], *null['does_not_hold_ci'], digits=3)} "
+                      f"(a two-sided 95% rule: about 2.5%; reported, not part of the verdict){flag}", highlight=False)
         if not res["enough_draws"]:
             console.print(f"[bold red]too few draws[/bold red]: a calibration verdict needs --n {res['min_draws']} or more")
         console.print("calibrated" if res["calibrated"] else "[bold red]not calibrated[/bold red]")
