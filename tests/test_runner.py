@@ -163,6 +163,40 @@ def test_a_unit_that_finished_ahead_of_its_turn_survives_a_crash(reference_run, 
     assert not (run_dir / PARTIAL_DIR).exists()
 
 
+def test_a_failed_unit_keeps_its_scratch_state_for_the_resume(reference_run, tmp_path, monkeypatch):
+    """A unit that raised keeps what it saved (e.g. a GCG checkpoint) so its rerun goes on from there; the
+    finished units' scratch folders go."""
+    import safetylab.runs as runs
+    from safetylab.runs import UnitsFailed
+    from safetylab.study import scratch_dir
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    results = run_dir / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    records = [json.loads(x) for x in lines]
+    results.write_text(lines[0])
+    (run_dir / "summary.json").unlink()
+    for r in records[1:]:
+        scratch_dir(run_dir, r["key"]).mkdir(parents=True)
+        (scratch_dir(run_dir, r["key"]) / "gcg.json").write_text("{}")
+
+    class Unit1Fails:
+        def map_units(self, study, config, todo, ctx):
+            yield 1, {**records[1], "status": "failed", "result": None, "error": "RuntimeError: out of memory"}
+            yield 2, records[2]
+            yield 3, records[3]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(runs, "make_executor", lambda *a, **k: Unit1Fails())
+    with pytest.raises(UnitsFailed):
+        run_study("shield", resume=run_dir, cache_dir=tmp_path / "cache")
+    assert (scratch_dir(run_dir, records[1]["key"]) / "gcg.json").exists()
+    assert not scratch_dir(run_dir, records[2]["key"]).exists() and not scratch_dir(run_dir, records[3]["key"]).exists()
+
+
 def test_report_rerenders_from_raw_results_alone(reference_run, tmp_path):
     from safetylab.cli import main
 

@@ -355,7 +355,8 @@ def run_study(
             while next_pos < len(order) and order[next_pos] in pending:
                 record = pending.pop(order[next_pos])
                 log.append(record)
-                shutil.rmtree(scratch_dir(run_dir, record["key"]), ignore_errors=True)
+                if record["status"] == "ok":  # a failed unit keeps its state (a search's checkpoint) for the resume
+                    shutil.rmtree(scratch_dir(run_dir, record["key"]), ignore_errors=True)
                 next_pos += 1
 
         write_ready()
