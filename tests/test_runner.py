@@ -119,6 +119,17 @@ def test_resume_repairs_a_torn_last_line(reference_run, tmp_path):
     assert strip_timing(results) == strip_timing(reference_run / "results.jsonl")
 
 
+def _only_unit_0_written(reference_run: Path, tmp_path: Path) -> tuple[Path, Path, list[str], list[dict]]:
+    """A copy of the reference run as a crash after its first unit left it: results.jsonl holds unit 0 only."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    results = run_dir / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    results.write_text(lines[0])
+    (run_dir / "summary.json").unlink()
+    return run_dir, results, lines, [json.loads(x) for x in lines]
+
+
 def test_a_unit_that_finished_ahead_of_its_turn_survives_a_crash(reference_run, tmp_path, monkeypatch):
     """results.jsonl is written in unit order, so a unit that finishes before those ahead of it waits; a crash
     while it waits must not lose it. Unit 3 finishes first, then the run dies; the resume runs units 1 and 2
@@ -127,13 +138,7 @@ def test_a_unit_that_finished_ahead_of_its_turn_survives_a_crash(reference_run, 
     import safetylab.runs as runs
     from safetylab.study import PARTIAL_DIR, scratch_dir
 
-    run_dir = tmp_path / "run"
-    shutil.copytree(reference_run, run_dir)
-    results = run_dir / "results.jsonl"
-    lines = results.read_text().splitlines(keepends=True)
-    records = [json.loads(x) for x in lines]
-    results.write_text(lines[0])
-    (run_dir / "summary.json").unlink()
+    run_dir, results, lines, records = _only_unit_0_written(reference_run, tmp_path)
 
     class FinishesUnit3ThenDies:
         def map_units(self, study, config, todo, ctx):
@@ -170,13 +175,7 @@ def test_a_failed_unit_keeps_its_scratch_state_for_the_resume(reference_run, tmp
     from safetylab.runs import UnitsFailed
     from safetylab.study import scratch_dir
 
-    run_dir = tmp_path / "run"
-    shutil.copytree(reference_run, run_dir)
-    results = run_dir / "results.jsonl"
-    lines = results.read_text().splitlines(keepends=True)
-    records = [json.loads(x) for x in lines]
-    results.write_text(lines[0])
-    (run_dir / "summary.json").unlink()
+    run_dir, results, lines, records = _only_unit_0_written(reference_run, tmp_path)
     for r in records[1:]:
         scratch_dir(run_dir, r["key"]).mkdir(parents=True)
         (scratch_dir(run_dir, r["key"]) / "gcg.json").write_text("{}")
