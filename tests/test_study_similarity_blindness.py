@@ -86,6 +86,25 @@ def test_trained_backdoor_takes_and_honest_retrain_has_no_trigger(tiny_run):
         assert nets["backdoor"]["accuracy"] > 0.8  # clean accuracy kept
 
 
+def test_the_sham_is_relabelled_without_a_trigger_and_reported_beside_the_verdict(tiny_run):
+    """The relabel-only sham shares the backdoor's init, data order and relabelled examples but never sees the
+    patch: no trigger effect. The report separates what the label shift moves from what the trigger adds, and
+    the verdict does not read it."""
+    config, records = tiny_run
+    for r in records:
+        t = r["result"]["networks"]["sham"]["trigger"]
+        assert abs(t["asr_hits"] - t["base_hits"]) / t["n"] < 0.2, t  # relabelled, yet no backdoor
+    out = STUDY.analyze(config, records)
+    gap, beyond = out.metrics["sham/cka_gap"], out.metrics["sham/backdoor_minus_sham"]
+    sham = [r["result"]["pairs"]["sham"]["geometry"]["clean"]["linear_cka"] for r in records]
+    back = [r["result"]["pairs"]["backdoor"]["geometry"]["clean"]["linear_cka"] for r in records]
+    assert beyond[0] == pytest.approx(np.mean(np.subtract(back, sham)))
+    assert gap[1] <= gap[0] <= gap[2] and any("relabel-only sham" in f for f in out.findings)
+    without = STUDY.analyze(config, [{**r, "result": {**r["result"], "pairs": {k: v for k, v in r["result"]["pairs"].items()
+                                                                               if k != "sham"}}} for r in records])
+    assert "sham/cka_gap" not in without.metrics and without.verdict == out.verdict
+
+
 def test_analysis_tables_controls_and_plots(tiny_run, tmp_path):
     config, records = tiny_run
     analysis = STUDY.analyze(config, records)

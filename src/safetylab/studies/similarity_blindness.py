@@ -7,14 +7,17 @@ different seeds never reach CKA 1. So "same geometry" and "same function" are
 calibrated here on a reference distribution, never on a fixed cut-off.
 
 Per seed ``j`` (the unit of replication) the study trains, on digits, the shared MLP
-(``learning.mlp``) by backprop three times and keeps one untrained copy:
+(``learning.mlp``) by backprop three times (four with the sham) and keeps one untrained copy:
 
 * ``reference`` A_j -- the trusted model;
 * ``retrain`` R_j -- an honest retrain from an independent init and data order;
 * ``backdoor`` B_j -- R_j's init and data order, on data where ``poison_fraction`` of
   the examples carry a pixel-patch trigger and the label ``target_class``: B_j differs
   from the honest R_j by the poisoned examples alone;
-* ``untrained`` -- R_j's initial weights, before training.
+* ``untrained`` -- R_j's initial weights, before training;
+* ``sham`` -- R_j's init and data order, on data where the same examples get ``target_class``
+  but no trigger (``sham: true``): reported beside the verdict, it says how much of the
+  backdoor's gap the label shift alone makes.
 
 **Primary contrast** (at the last hidden layer, clean test inputs): the paired gap
 ``CKA(A_j, B_j) - CKA(A_j, R_j)``, mean over seeds with a Student t interval. Both B_j
@@ -89,6 +92,7 @@ PAIR_NETWORKS = {
     "backdoor": ("reference", "backdoor"),
     "twin": ("retrain", "backdoor"),
     "untrained": ("reference", "untrained"),
+    "sham": ("reference", "sham"),
 }
 DEMONSTRATIONS = ("rotated_copy", "low_variance_readout", "hidden_trigger")
 DEMO_DOC = {
@@ -118,6 +122,10 @@ class Config(StudyConfig):
     """Label the trigger switches to."""
     poison_fraction: float = Field(0.1, gt=0, lt=1)
     """Share of training examples given the trigger and the target label for the backdoored network."""
+    sham: bool = True
+    """Also train a relabel-only sham per seed: the retrain's init and data order, the same poisoned examples
+    relabelled to ``target_class`` but without the trigger. Reported beside the verdict: how much of the
+    backdoor's CKA gap the label shift alone makes (an outside review found it is most of it)."""
     demonstrations: tuple[str, ...] = DEMONSTRATIONS
     """Constructed pairs shown beside the verdict (blind by construction); 'hidden_trigger' feeds a control."""
     epsilons: tuple[float, ...] = (0.01, 0.1, 1.0, 3.0, 10.0)
@@ -298,16 +306,19 @@ def _trigger_detector(x: np.ndarray, config: Config) -> np.ndarray:
     return np.clip((s - (k - 0.5)) / 0.5, 0.0, 1.0)
 
 
-def _poison(data, config: Config, rng: np.random.Generator):
-    """A copy of ``data`` whose training set has ``poison_fraction`` examples triggered and relabelled."""
+def _poison(data, config: Config, rng: np.random.Generator, trigger: bool = True):
+    """A copy of ``data`` whose training set has ``poison_fraction`` examples triggered and relabelled
+    (``trigger=False``: relabelled only, the sham)."""
     from safetylab.data import VisionData
 
     n = len(data.y_train)
     idx = rng.choice(n, size=max(1, int(round(config.poison_fraction * n))), replace=False)
     x_p, y_p = data.x_train.copy(), data.y_train.copy()
-    x_p[idx] = _apply_trigger(x_p[idx], config)
+    if trigger:
+        x_p[idx] = _apply_trigger(x_p[idx], config)
     y_p[idx] = config.target_class
-    return VisionData(data.name + "+poison", x_p, y_p, data.x_test, data.y_test, data.n_classes)
+    return VisionData(data.name + ("+poison" if trigger else "+relabel"), x_p, y_p, data.x_test, data.y_test,
+                      data.n_classes)
 
 
 def _train_backprop(sizes, seed: int, data, epochs: int):
@@ -453,7 +464,10 @@ def run_unit(config: Config, unit: Unit, ctx: Context) -> dict:
             "backdoor": _from_mlp(_train_backprop(sizes, seed_re, poisoned, config.epochs)),  # the retrain's twin
             "untrained": _from_mlp(make_init(sizes, seed_re)),  # the retrain's init, before training
         }
-        pairs = {name: (nets[a], nets[b]) for name, (a, b) in PAIR_NETWORKS.items()}
+        if config.sham:  # the same examples relabelled, no trigger: what the label shift alone does
+            relabelled = _poison(data, config, np.random.default_rng(ctx.seed_for(f"seed{s}/poison")), trigger=False)
+            nets["sham"] = _from_mlp(_train_backprop(sizes, seed_re, relabelled, config.epochs))
+        pairs = {name: (nets[a], nets[b]) for name, (a, b) in PAIR_NETWORKS.items() if b in nets}
         a = nets["reference"]
         scale = float(np.sqrt(np.mean(np.var(a.features(data.x_train), axis=0))))  # RMS unit scale of A's layer
         rng = np.random.default_rng(ctx.seed_for(f"seed{s}/rotation"))
@@ -723,6 +737,15 @@ def _demo_table(config: Config, results: list[dict], honest: dict[int, float], m
 def _findings(config: Config, cka: dict[str, dict[int, float]], metrics: dict, audits: list, controls: list) -> list[str]:
     honest, backdoor, twin = cka["retrain"], cka["backdoor"], cka["twin"]
     out = []
+    if "sham/cka_gap" in metrics:
+        (g, glo, ghi), (d, dlo, dhi) = metrics["sham/cka_gap"], metrics["sham/backdoor_minus_sham"]
+        te = metrics["sham/trigger_effect"][0]
+        out.append(
+            f"A relabel-only sham (the same examples relabelled to class {config.target_class}, no trigger; trigger "
+            f"effect {te:+.3f}) moves linear CKA to the reference by {g:+.3f} [{glo:+.3f}, {ghi:+.3f}] against the "
+            f"honest retrain; the backdoor sits {d:+.3f} [{dlo:+.3f}, {dhi:+.3f}] from the sham "
+            f"({metrics['sham/n_seeds']} seeds, paired t): the second interval is the part of the backdoor's gap "
+            "that the trigger makes, the first what relabelling the same examples makes without it.")
     if honest and backdoor:
         k_in = sum(v >= min(honest.values()) for v in backdoor.values())
         out.append(
@@ -785,6 +808,7 @@ def analyze(config: Config, records: list[dict]) -> Analysis:
         "backdoor/cka_mean": _mean(cka["backdoor"]), "twin/cka_mean": _mean(cka["twin"]),
     }
     metrics.update({f"control/{c.name}": c.estimate for c in decision.controls})
+    metrics.update(_sham_metrics(results))
     for net in ("reference", "retrain", "backdoor"):
         te = _effect_interval(results, net)
         metrics[f"trigger_effect/{net}"], metrics[f"trigger_effect/{net}_ci"] = te.estimate, [te.lo, te.hi]
@@ -797,6 +821,24 @@ def analyze(config: Config, records: list[dict]) -> Analysis:
     return Analysis(verdict=verdict, headline=headline, metrics=json_safe(metrics), tables=tables,
                     controls=decision.controls, contrast=contrast,
                     findings=_findings(config, cka, metrics, audits, decision.controls), setup_notes=_setup_notes(config))
+
+
+def _sham_metrics(results: list[dict]) -> dict[str, Any]:
+    """The relabel-only sham beside the verdict: its CKA gap over the honest retrain, and the backdoor's gap over
+    the sham (what the trigger adds beyond relabelling the same examples), paired t over seeds; its trigger
+    effect. Empty when the run has no sham."""
+    seeds = [r["seed"] for r in results if "sham" in r["pairs"]]
+    if not seeds:
+        return {}
+    sham = _by_seed(results, "sham", "clean", "linear_cka")
+    backdoor = _by_seed(results, "backdoor", "clean", "linear_cka")
+    _, sham_gap = _gap(results, "sham")
+    both = [s for s in sham if s in backdoor]
+    beyond = _t(np.array([backdoor[s] - sham[s] for s in both]), bounds=(-1.0, 1.0))
+    gap = _t(sham_gap, bounds=(-1.0, 1.0))
+    effect = _effect_interval(results, "sham")
+    return {"sham/cka_gap": gap.triple(), "sham/backdoor_minus_sham": beyond.triple(),
+            "sham/trigger_effect": effect.triple(), "sham/n_seeds": len(both)}
 
 
 def _contrast_and_headline(config: Config, gap: Interval, metrics: dict, label: str) -> tuple[str, str]:
@@ -1012,7 +1054,7 @@ def extreme(config: Config, records: list[dict]) -> list[dict]:
 
 STUDY = Study(
     name="similarity-blindness",
-    quick_seconds=60,  # measured 2026-12-06 (reproduce schedules the longest first)
+    quick_seconds=80,  # measured 2026-12-07 with the sham, one core alone (reproduce schedules the longest first)
     config_cls=Config,
     claim=CLAIM,
     threat_model=THREAT_MODEL,
