@@ -827,8 +827,7 @@ def _sham_metrics(results: list[dict]) -> dict[str, Any]:
     """The relabel-only sham beside the verdict: its CKA gap over the honest retrain, and the backdoor's gap over
     the sham (what the trigger adds beyond relabelling the same examples), paired t over seeds; its trigger
     effect. Empty when the run has no sham."""
-    seeds = [r["seed"] for r in results if "sham" in r["pairs"]]
-    if not seeds:
+    if not any("sham" in r["pairs"] for r in results):
         return {}
     sham = _by_seed(results, "sham", "clean", "linear_cka")
     backdoor = _by_seed(results, "backdoor", "clean", "linear_cka")
