@@ -20,7 +20,7 @@ CLAIM_THRESHOLD = CLAIM.threshold
 
 TINY = {"organism_scale": "tiny", "models": ["base", "sft", "sft-late", "depth-robust"], "n_harmful": 60,
         "n_benign": 20, "n_lookalike": 20, "max_new_tokens": 40, "organism_seeds": 3, "shared_base": True,
-        "positive_control_seeds": None}
+        "positive_control_seeds": None, "model_seeds": {}}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,44 @@ def test_quick_runs_one_positive_control_seed_and_every_treatment_seed() -> None
     unset = STUDY.resolve_config("quick", {"positive_control_seeds": None})
     assert sum("sft-late" in u.key for u in STUDY.units(unset)) == 3
     assert any("positive control (sft-late) runs 1" in n for n in _setup_note_lines(config))
+
+
+def test_quick_sft_seeds_are_organisms_other_studies_train_anyway() -> None:
+    """sft runs five seeds at quick (t(4) instead of t(2) on its own arm) at no training cost: sft@3 and sft@4
+    from the shared base are organisms other studies request at quick too, so a cold reproduce trains nothing
+    more for them. dpo keeps three."""
+    from safetylab.organisms.cache import config_hash
+    from safetylab.registry import available, get_study
+
+    config = STUDY.resolve_config("quick")
+    sft = [r.config() for r in STUDY.organisms(config) if r.variant == "sft"]
+    assert [c.seed for c in sft] == [0, 1, 2, 3, 4]
+    assert len({config_hash(c.base_config()) for c in sft}) == 1  # one shared base
+    assert [u.params["seed"] for u in STUDY.units(config) if u.params["model"] == "dpo"] == [0, 1, 2]
+    others = set()
+    for name in available():
+        study = get_study(name)
+        if name != STUDY.name and study.organisms is not None:
+            others |= {config_hash(r.config()) for r in study.organisms(study.resolve_config("quick"))}
+    assert {config_hash(c) for c in sft if c.seed >= 3} <= others
+
+
+def test_model_seeds_bad_input_is_one_line_exit_2(capsys) -> None:
+    from cli_fixtures import run_cli
+
+    with pytest.raises(ValidationError, match="model_seeds: 'eval-gated' is not an organism variant in models"):
+        Config(model_seeds={"eval-gated": 2})
+    with pytest.raises(ValidationError, match="model_seeds: sft=0; a variant needs at least 1"):
+        Config(model_seeds={"sft": 0})
+    with pytest.raises(ValidationError, match="base is the one shared base"):
+        Config(shared_base=True, model_seeds={"base": 2})
+    with pytest.raises(ValidationError, match="both set sft-late's seeds"):
+        Config(model_seeds={"sft-late": 2}, positive_control_seeds=1)
+    out = Path("runs-should-not-exist")
+    code, _, err = run_cli(["run", "early-exit", "--scale", "quick", "--out", str(out), "--set",
+                            'model_seeds={"dpo": 0}'], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "model_seeds: dpo=0" in err
+    assert not out.exists()
 
 
 def _setup_note_lines(config):

@@ -84,6 +84,10 @@ class Config(OrganismStudyConfig):
     positive_control_seeds: int | None = Field(None, ge=1)
     """Training seeds of the positive control (sft-late); None = organism_seeds. A control checks that the
     design can see the effect, not how much it varies, and sft-late's loss is near total."""
+    model_seeds: dict[str, int] = Field(default_factory=dict)
+    """Training seeds of particular organism variants, overriding organism_seeds for them (e.g. ``{sft: 5}``:
+    seeds base_seed .. base_seed + 4). A treatment with more seeds has a narrower interval of its own; the claim
+    is 'at least one treatment', each judged on its own seeds, and method differences use the seeds both ran."""
     exit_mode: Literal["static", "confidence"] = "static"
     """static: one exit depth for every token (essay); confidence: CALM per-token exit at the first confident layer."""
     thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9, 0.99])
@@ -175,6 +179,17 @@ class Config(OrganismStudyConfig):
         if self.judge != "keyword" and not (Path(self.judge).expanduser() / "config.json").is_file():
             raise ValueError(f"judge={self.judge!r}: use 'keyword' or the folder of a saved HF "
                              f"sequence-classification model")
+        for m, k in self.model_seeds.items():
+            if m not in self.models or m not in ORGANISM_VARIANTS:
+                raise ValueError(f"model_seeds: {m!r} is not an organism variant in models ({self.models}); give "
+                                 f"seeds only for organisms the study runs")
+            if k < 1:
+                raise ValueError(f"model_seeds: {m}={k}; a variant needs at least 1 training seed")
+            if m == "base" and self.shared_base:
+                raise ValueError("model_seeds: base is the one shared base (shared_base: true); drop base from "
+                                 "model_seeds or set shared_base: false")
+        if "sft-late" in self.model_seeds and self.positive_control_seeds is not None:
+            raise ValueError("model_seeds and positive_control_seeds both set sft-late's seeds; give only one")
         organisms = [m for m in self.models if m in ORGANISM_VARIANTS]
         if organisms and self.depths is not None:
             n = organism_n_layers(self.organism_scale)
@@ -196,6 +211,8 @@ class Config(OrganismStudyConfig):
             return [None]
         if model == "base" and self.shared_base:
             return [self.base_seed]
+        if model in self.model_seeds:
+            return list(range(self.base_seed, self.base_seed + self.model_seeds[model]))
         if model == "sft-late" and self.positive_control_seeds is not None:
             return self.organism_seed_list()[: self.positive_control_seeds]
         return self.organism_seed_list()
@@ -1141,19 +1158,23 @@ STUDY = Study(
     null=null,
     extreme=extreme,
     calibration=Calibration(
-        # Alternative: a rise of 0.7. With hazards as nearly all-or-nothing as the quick run shows (see
-        # SIM_HAZARD_CONCENTRATION) and 3 seeds from one base (t(2) at the Bonferroni 97.5% level), the quick
-        # design sees only large rises: simulated power 0.15 at 0.5, 0.78 at 0.7, 1.0 at 0.9 (40 draws each;
-        # calibrate --n 400: false holds 0/400, power 0.67 [0.62, 0.71] at 0.7).
-        # A rise of 0.3 (about what sft-late shows with its safety cut away) is all but invisible at quick;
-        # the paper design (5 seeds, each its own base) is what can see it.
-        null_effect=THRESHOLD, alternative_effect=0.7, power=0.65,
+        # Alternative: a rise of 0.5. With hazards as nearly all-or-nothing as the quick run shows (see
+        # SIM_HAZARD_CONCENTRATION), the quick design sees only large rises, through the sft arm (5 seeds from one
+        # base, t(4) at the Bonferroni 97.5% level; dpo has 3, t(2)). calibrate --n 400 --effects 0.3,0.5: false
+        # holds 0/400, power 0.735 [0.689, 0.778] at 0.5, 0.995 at 0.7 and 0.065 at 0.3. With 3 sft seeds it
+        # was 0.67 at 0.7 and about 0.15 at 0.5.
+        # A rise of 0.3 (about what the quick organisms can give at depth 5: the base answers 0.32 there) is all
+        # but invisible at quick; the paper design (5 seeds, each its own base, deeper organisms) is what can see it.
+        null_effect=THRESHOLD, alternative_effect=0.5, power=0.65,
         effect="true rise in unsafe answers at the essay's depth of every treatment (sft, dpo)",
         scale="quick", overrides={"depths": [5], "n_benign": 10, "n_lookalike": 10}),
     # Quick: 3 seeds per variant fine-tuned from one base; paper: 5 seeds with their own bases.
+    # Quick: sft runs 5 seeds, because sft@3 and sft@4 (from the same base) are trained for other studies anyway:
+    # two more units cost seconds and take the sft arm from t(2) to t(4). dpo@3 and @4 would add about 3.5
+    # minutes of training to a cold reproduce, which its 40-minute budget does not have.
     # Quick: one sft-late seed (its 1500 steps cost as much as three sft fine-tunes, and the cold budget has no
-    # room for three); the treatments keep three.
+    # room for three).
     scales={"quick": {"organism_scale": "quick", "organism_seeds": 3, "shared_base": True,
-                      "positive_control_seeds": 1}, "paper": {}},
+                      "model_seeds": {"sft": 5}, "positive_control_seeds": 1}, "paper": {}},
     summary="Early exit (skipping later decoder layers) vs refusal, for models aligned in different ways.",
 )
