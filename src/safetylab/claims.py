@@ -253,9 +253,12 @@ def judge_control(
     """Pass/fail of ``control`` from its interval (``None`` bounds: the control was not run).
 
     A positive control passes only when its whole interval lies above the threshold
-    (the measurement demonstrably sees the effect); a negative control fails only when
-    its whole interval lies above it (the measurement demonstrably sees an effect that
-    is not there).
+    (the measurement demonstrably sees the effect). A negative control fails when its
+    whole interval lies above it (the measurement demonstrably sees an effect that is not
+    there) or when its estimate does: an estimate past the threshold is the effect the
+    control must not show, whatever the interval's width, so a control with too few units
+    cannot pass on absence of evidence. One that passes with its interval reaching past the
+    threshold says so in its detail (absence not demonstrated).
     """
 
     def clean(v: float | None) -> float | None:
@@ -268,7 +271,10 @@ def judge_control(
     elif control.kind == "positive":
         status = "pass" if lo is not None and lo > control.threshold else "fail"
     else:
-        status = "fail" if lo is not None and lo > control.threshold else "pass"
+        status = "fail" if lo > control.threshold or est > control.threshold else "pass"
+        if status == "pass" and hi > control.threshold:
+            detail = (detail + "; " if detail else "") + (
+                f"absence not demonstrated: the interval reaches {hi:.3g}, past {control.threshold:g}")
     return ControlResult(name=control.name, kind=control.kind, status=status, estimate=est, ci_low=lo,
                          ci_high=hi, threshold=control.threshold, detail=detail)
 
@@ -440,6 +446,20 @@ def _judge(control: Control, value: Interval | NotRun, detail: str) -> ControlRe
     return judge_control(control, value.estimate, value.lo, value.hi, detail)
 
 
+def _why_failed(c: ControlResult) -> str:
+    """A failed control's name and what failed it: a positive one that is too uncertain to show the effect is a
+    different problem (too few units) from one whose estimate does not show it."""
+    est, lo, hi, t = c.estimate, c.ci_low, c.ci_high, c.threshold
+    if est is None or lo is None or hi is None:
+        return c.name
+    if c.kind == "positive":
+        if est > t:
+            return (f"{c.name} (not demonstrated: its estimate {est:.3g} is past {t:g} but its interval "
+                    f"[{lo:.3g}, {hi:.3g}] reaches it; too few units)")
+        return f"{c.name} ({est:.3g} [{lo:.3g}, {hi:.3g}] does not show the effect)"
+    return f"{c.name} ({est:.3g} [{lo:.3g}, {hi:.3g}] shows the effect it must not, past {t:g})"
+
+
 def _side(claim: Claim, iv: Interval) -> Verdict:
     return claim.decide(iv.lo, iv.hi)
 
@@ -486,7 +506,7 @@ def decide(claim: Claim, evidence: Evidence, *, confidence: float = 0.95) -> Dec
     chosen = arms.get(arm) if arm is not None else None
     raw = _side(claim, chosen) if chosen is not None else Verdict.INCONCLUSIVE
     reasons = [f"{PREMISE_NOT_MET}{p}" for p in evidence.premises if p]
-    failed = [c.name for c in controls if c.status == "fail"]
+    failed = [_why_failed(c) for c in controls if c.status == "fail"]
     missing = [c.name for c in controls if c.status == "not run"]
     if failed:
         reasons.append(f"control failed: {'; '.join(failed)}")
@@ -494,12 +514,11 @@ def decide(claim: Claim, evidence: Evidence, *, confidence: float = 0.95) -> Dec
         reasons.append(f"control not run: {'; '.join(missing)}")
     if chosen is None:  # said whatever else is wrong: a missing primary is never only a missing control
         reasons.insert(0, f"nothing measured: {evidence.missing or 'no treatment arm has an estimate'}")
+    elif not chosen.decided:  # the primary's own reason first: controls measured on the same units share it
+        reasons.insert(0, f"no interval: {chosen.method or 'too few units'}")
     elif raw is Verdict.INCONCLUSIVE and not reasons:
-        if not chosen.decided:
-            reasons.append(f"no interval: {chosen.method or 'too few units'}")
-        else:
-            reasons.append(f"too little power: the interval [{chosen.lo:.3g}, {chosen.hi:.3g}] straddles the "
-                           f"threshold {claim.threshold:g}")
+        reasons.append(f"too little power: the interval [{chosen.lo:.3g}, {chosen.hi:.3g}] straddles the "
+                       f"threshold {claim.threshold:g}")
     method = ""
     if chosen is not None:
         method = chosen.method + (f"; {arm}, the treatment with the strongest evidence of {k} (Bonferroni "
