@@ -144,3 +144,23 @@ def test_seeds_that_tie_are_never_dropped_as_a_grouping():
     assert r["df"] == 2 and "agree exactly" in r["method"] and "kept as a grouping" in r["method"]
     assert r["se"] == pytest.approx(single["se"])
     assert r["hi"] - r["lo"] > single["hi"] - single["lo"]
+
+
+def test_a_third_grouping_carries_the_spread_between_models():
+    """Five targets that transfer 0, 0, 0.5, 1 and 1: over seeds x hazards alone the mean looks certain; with the
+    target model as a third (crossed) grouping its interval spans the models' spread. A grouping that repeats
+    another adds nothing: three-way with models = seeds is the two-way variance."""
+    from safetylab.metrics.stats import clustered_mean_interval
+
+    rng = np.random.default_rng(0)
+    s, m, h = (g.ravel() for g in np.meshgrid(np.arange(5), np.arange(5), np.arange(18), indexing="ij"))
+    s, m, h = np.repeat(s, 2), np.repeat(m, 2), np.repeat(h, 2)
+    y = (rng.random(s.size) < np.array([0.0, 0.0, 0.5, 1.0, 1.0])[m]).astype(float)
+    two = clustered_mean_interval(y, seeds=s, clusters=h)
+    three = clustered_mean_interval(y, seeds=s, clusters=h, models=m)
+    assert two["lo"] > 0.4 and three["lo"] < 0.0 and three["df"] == 4
+    assert "three-way" in three["method"] and "5 models" in three["method"]
+    same = clustered_mean_interval(y, seeds=s, clusters=h, models=s)
+    assert same["se"] == pytest.approx(two["se"], rel=1e-9)
+    with pytest.raises(ValueError, match="third grouping"):
+        clustered_mean_interval(y, seeds=s, models=m)

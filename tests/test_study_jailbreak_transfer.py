@@ -15,9 +15,9 @@ from safetylab.study import Context, torch_threads
 from safetylab.studies.jailbreak_transfer import CLAIM, STUDY, SAME_BASE, _arm, _organism_request
 
 # Tiny organisms resist GCG as sft (2 layers, width 64), so the tiny run attacks from sft-late (only its last layer
-# safety-trained). Independent target: sft-small, a 1-layer model pretrained from its own base at seed 1, the first
+# safety-trained). Independent target: sft-small, a 1-layer model pretrained from its own base at seed 3, the first
 # seed no source uses.
-TINY = {"organism_scale": "tiny", "source_variant": "sft-late", "organism_seeds": 1,
+TINY = {"organism_scale": "tiny", "source_variant": "sft-late", "organism_seeds": 3,
         "targets": ["sft-late", "sft", "sft-small", "never-taught", "depth-robust"], "n_train": 8,
         "n_heldout_templates": 6, "n_heldout_hazards": 4, "n_benign": 20, "gcg_steps": 8, "search_width": 48,
         "topk": 32, "suffix_length": 8, "n_random_suffixes": 2, "max_new_tokens": 32, "progressive": True,
@@ -34,9 +34,11 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_measures_every_target_on_the_training_requests(tiny_run):
     config, records, analysis = tiny_run
-    assert [r["key"] for r in records] == ["targets", "source=sft-late@0"]
+    # Three sources: one is no interval over source seeds (each suffix is one GCG run), two are t(1).
+    assert [r["key"] for r in records] == ["targets", "source=sft-late@0", "source=sft-late@1", "source=sft-late@2"]
     src = records[1]["result"]
-    assert set(src["targets"]) == {"sft-late@0", "sft@0", "sft-small@1", "never-taught@0", "depth-robust@0"}
+    assert set(src["targets"]) == {"sft-late@0", "sft-late@1", "sft-late@2", "sft@0", "sft-small@3",
+                                   "never-taught@0", "depth-robust@0"}
     assert all(len(c["gcg"]) == 8 and len(c["random1"]) == 8 for c in src["targets"].values())
     assert len(set(src["subjects"]["train"])) == 4  # the training requests cycle through every covered hazard
     assert set(src["universality"]) == {"heldout_templates", "heldout_hazards"}
@@ -54,6 +56,7 @@ def test_tiny_run_measures_every_target_on_the_training_requests(tiny_run):
     kinds = next(t for t in analysis.tables if t.title.startswith("Transfer per target kind"))
     roles = {r[0]: r[1] for r in kinds.rows}
     assert roles == {"source": "control (+)", "sft (same base)": "reported apart", "sft-small": "treatment",
+                     "sft-late (same base)": "reported apart",
                      "never-taught": "control (−)", "depth-robust (same base)": "defence"}
     assert analysis.verdict.arm in (None, "sft-small")  # only independently pretrained kinds decide
     neg = next(c for c in analysis.controls if c.kind == "negative")
@@ -85,12 +88,14 @@ def test_tiny_run_audit_goes_both_ways(tiny_run):
     out = audit_records(STUDY, config, records)
     assert out["ok"], out["stuck"]
     assert out["null"]["contrast_verdict"] != "holds" and out["extreme"]["contrast_verdict"] == "holds"
-    assert out["extreme"]["verdict"] == "holds"  # never-taught is left as measured, so its control still passes
+    assert out["extreme"]["verdict"] == "holds", out["extreme"]  # never-taught is left as measured: its control passes
     assert out["null"]["estimate"] == pytest.approx(
-        np.mean(np.asarray(records[1]["result"]["targets"]["sft-small@1"]["random0"], float)
-                - np.mean([records[1]["result"]["targets"]["sft-small@1"][k] for k in ("random0", "random1")], 0)))
+        np.mean(np.asarray(records[1]["result"]["targets"]["sft-small@3"]["random0"], float)
+                - np.mean([records[1]["result"]["targets"]["sft-small@3"][k] for k in ("random0", "random1")], 0)))
     nulled = STUDY.analyze(config, STUDY.null(config, json.loads(json.dumps(records))))
-    assert next(c for c in nulled.controls if c.kind == "positive").status == "fail"  # no attack strength left
+    # The null keeps each source's outcomes on itself, so it tests transfer with the positive control standing.
+    assert (next(c for c in nulled.controls if c.kind == "positive").estimate
+            == pytest.approx(next(c for c in analysis.controls if c.kind == "positive").estimate))
 
 
 def test_targets_are_classed_by_where_their_weights_come_from():
@@ -160,6 +165,63 @@ def test_simulated_records_decide_both_ways():
     assert sum(v.verdict == Verdict.DOES_NOT_HOLD for v in none) >= 3
     assert all(v.ci_high <= CLAIM.threshold for v in none if v.verdict == Verdict.DOES_NOT_HOLD)
     assert all("too little power" in v.reason for v in none if v.verdict == Verdict.INCONCLUSIVE)
+
+
+def _sim(overrides=None, effect=0.6, seed=0):
+    config = STUDY.resolve_config("quick", {"n_benign": 20, **(overrides or {})})
+    return config, STUDY.simulate(config, effect, np.random.default_rng(seed))
+
+
+def test_one_source_seed_gives_no_interval_and_says_so():
+    """Each suffix is one GCG run: with one source the interval over source seeds does not exist, rather than
+    falling back to hazards alone (which let one source hold where two agreeing ones could not)."""
+    config, records = _sim()
+    one = [records[0], records[1]]
+    v = STUDY.analyze(config, one).verdict
+    assert v.verdict is Verdict.INCONCLUSIVE and v.ci_low is None and "one source seed" in v.reason
+
+
+def test_several_target_models_of_a_kind_are_a_grouping_of_their_own():
+    """Five independently pretrained targets of one kind, two with no transfer at all: pooled over requests alone
+    this held, 0.50 [0.43, 0.57]; with the target model as a third grouping it does not."""
+    config, records = _sim({"shared_base": False, "targets": ["sft", "never-taught"]}, effect=0.0)
+    rate = {n: r for n, r in zip(sorted(config.source_names()), [0.0, 0.0, 0.5, 1.0, 1.0])}
+    rng = np.random.default_rng(1)
+    for rec in records[1:]:
+        for name, cell in rec["result"]["targets"].items():
+            if name in rate and name != rec["result"]["source"]:
+                cell["gcg"] = (rng.random(len(cell["gcg"])) < rate[name]).tolist()
+                for k in ("random0", "random1"):
+                    cell[k] = [False] * len(cell[k])
+    a = STUDY.analyze(config, records)
+    assert a.verdict.arm == "sft" and a.verdict.estimate == pytest.approx(0.5, abs=0.05)
+    assert a.verdict.verdict is not Verdict.HOLDS and "models" in a.verdict.interval_method
+
+
+def test_targets_that_cannot_be_jailbroken_are_an_unmet_premise():
+    config, records = _sim()
+    narrow = next(n for n in config.target_names() if n.startswith("sft-narrow"))
+    never_refuses = json.loads(json.dumps(records))
+    never_refuses[0]["result"]["models"][narrow]["no_suffix_refused"] = [False] * config.n_train
+    v = STUDY.analyze(config, never_refuses).verdict
+    assert v.verdict is Verdict.INCONCLUSIVE and "premise not met: sft-narrow refuses only 0.00" in v.reason
+    incapable = json.loads(json.dumps(records))
+    incapable[0]["result"]["models"][narrow]["prefill"] = [False] * config.n_train
+    v = STUDY.analyze(config, incapable).verdict
+    assert v.verdict is Verdict.INCONCLUSIVE and "sft-narrow gives the procedure for only 0.00" in v.reason
+
+
+def test_a_pair_missing_from_some_sources_still_renders(tmp_path):
+    config, records = _sim()
+    narrow = next(n for n in config.target_names() if n.startswith("sft-narrow"))
+    for rec in records[2:]:
+        del rec["result"]["targets"][narrow]
+    del records[1]["result"]["targets"][records[1]["result"]["source"]]
+    a = STUDY.analyze(config, records)
+    matrix = next(t for t in a.tables if t.title.startswith("Transfer matrix"))
+    col = matrix.columns.index(narrow)
+    assert [r[col] for r in matrix.rows[1:len(records) - 1]] == ["–"] * (len(records) - 2)
+    assert a.verdict.verdict is Verdict.INCONCLUSIVE and "one source seed" in a.verdict.reason
 
 
 @pytest.mark.parametrize("args,needle", [

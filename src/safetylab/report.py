@@ -102,6 +102,12 @@ def render_run(
     return summary
 
 
+def _pct(confidence: float) -> str:
+    """A confidence level as the interval method states it: 95, but 98.75 (a Bonferroni level) is 98.8, not 99."""
+    pct = 100 * confidence
+    return f"{pct:.0f}" if abs(pct - round(pct)) < 1e-9 else f"{pct:.1f}"
+
+
 def _evidence(study: Study, config: StudyConfig) -> dict[str, list[str]]:
     covered = study.covered_threat_model(config)
     return {"users": list(covered.users), "tiers": list(covered.tiers), "assets": list(covered.assets)}
@@ -138,7 +144,7 @@ def _taxonomy_lines(summary: dict[str, Any]) -> tuple[list[tuple[str, str]], str
 def _verdict_line(v: dict[str, Any]) -> str:
     ci = format_interval(v["estimate"], v["ci_low"], v["ci_high"], digits=3)
     cmp = ">" if v["direction"] == "greater" else "<"
-    pct = int(round(100 * v["confidence"]))
+    pct = _pct(v["confidence"])
     why = f" ({v['reason']})" if v.get("reason") else ""
     return (
         f"**{v['verdict'].upper()}**{why} — `{v['metric']}` = {ci} ({pct}% interval, {v['interval_method']}, "
@@ -439,7 +445,7 @@ def _verdict_html(v: dict[str, Any]) -> str:
     # the study's stats say so); nothing here widens or re-derives it.
     ci = format_interval(v["estimate"], v["ci_low"], v["ci_high"], digits=3)
     cmp = "&gt;" if v["direction"] == "greater" else "&lt;"
-    pct = int(round(100 * v["confidence"]))
+    pct = _pct(v["confidence"])
     return (
         f"<div class='verdict' style='background:{_VERDICT_COLOURS.get(v['verdict'], '#555')}'>"
         f"<b>{html.escape(v['verdict'].upper())}</b>"

@@ -22,6 +22,7 @@ Holm (1979) step-down correction.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
@@ -137,6 +138,7 @@ def clustered_mean_interval(
     confidence: float = 0.95,
     bounds: Bounds = None,
     se_floor: float = 0.0,
+    models: Sequence[Any] | np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Mean of per-observation values with a cluster-robust Student-t interval.
 
@@ -144,6 +146,10 @@ def clustered_mean_interval(
         values: (n,) one value per observation (e.g. per prompt and seed: 1 = unsafe).
         seeds: (n,) the training seed of each observation, or None.
         clusters: (n,) the prompt cluster (hazard, template) of each observation, or None.
+        models: (n,) a third grouping crossed with both, or None: the model each observation was
+            measured on when a claim is about several (e.g. transfer targets). With all three the
+            variance is three-way cluster-robust (inclusion-exclusion over every intersection,
+            Cameron, Gelbach & Miller 2011) and df = min(G) - 1.
         confidence: two-sided level.
         bounds: the quantity's range; the interval is clipped to it.
         se_floor: lower bound on the standard error (see :func:`rate_se_floor`).
@@ -175,7 +181,27 @@ def clustered_mean_interval(
         parts.append(v_c)
         dfs.append(g_c - 1)
         names.append(f"{g_c} prompt clusters")
-    if not parts:
+    if models is not None:
+        v_m, g_m = _cluster_var(e, np.asarray(models), n)
+        parts.append(v_m)
+        dfs.append(g_m - 1)
+        names.append(f"{g_m} models")
+    if len(parts) == 3:
+        labels = [np.asarray(x).astype(str) for x in (seeds, clusters, models)]
+        var = 0.0
+        for r in (1, 2, 3):
+            for subset in itertools.combinations(range(3), r):
+                joint = labels[subset[0]]
+                for j in subset[1:]:
+                    joint = np.char.add(np.char.add(joint, "\x1f"), labels[j])
+                v, _ = _cluster_var(e, joint, n)
+                var += (-1) ** (r + 1) * (v if math.isfinite(v) else 0.0)
+        var = max(var, *(v for v in parts if math.isfinite(v)))
+        df = min(dfs)
+        method = f"three-way cluster-robust t over {names[0]} x {names[2]} x {names[1]}, df {df}"
+    elif models is not None:
+        raise ValueError("models is a third grouping: give seeds and clusters with it")
+    elif not parts:
         var = float(y.var(ddof=1) / n) if n > 1 else math.nan
         df = n - 1
         method = f"Student t over {n} independent units"
@@ -346,7 +372,7 @@ class Interval:
         """The same estimate with a Student-t interval at ``level`` (needs ``se`` and ``df``)."""
         if level == self.level:
             return self
-        if self.estimate is None:
+        if self.estimate is None or (not self.decided and self.se is None):  # no interval at any level
             return replace(self, level=level)
         if self.se is None or self.df is None:
             raise ValueError(f"an interval without se/df ({self.method or 'no method'}) cannot be moved to level "
@@ -410,21 +436,26 @@ def mean_interval(values: Sequence[float] | np.ndarray, *, confidence: float = 0
 
 def rate_interval(values: Sequence[float] | np.ndarray, *, seeds: Sequence[Any] | np.ndarray | None = None,
                   clusters: Sequence[Any] | np.ndarray | None = None, bounds: Bounds = (0.0, 1.0),
-                  binary: bool = True, confidence: float = 0.95) -> Interval:
+                  binary: bool = True, confidence: float = 0.95,
+                  models: Sequence[Any] | np.ndarray | None = None) -> Interval:
     """Mean of per-observation outcomes (0/1, or fractions with ``binary=False``) with a cluster-robust
     t interval over ``seeds`` and ``clusters`` (:func:`clustered_mean_interval`). A 0/1 mean gets a
     binomial standard-error floor, so 200 refusals of 200 give a narrow interval, not a zero-width
     one. Seeds are a grouping only when there are several of them. ``bounds`` defaults to a rate's
     (0, 1) whatever ``binary`` says: a mean of fractions stays in range that way, but pass
-    ``bounds=None`` (or the measure's own range) for anything else, e.g. a log-loss."""
+    ``bounds=None`` (or the measure's own range) for anything else, e.g. a log-loss. ``models``: a third
+    grouping crossed with seeds and clusters (:func:`clustered_mean_interval`), used only when it has
+    several models and both other groupings are present."""
     v = np.asarray(values, dtype=float)
     if v.size == 0:
         return Interval(None, method="no observations", level=confidence, bounds=bounds)
     if seeds is not None and np.unique(np.asarray(seeds)).size < 2:
         seeds = None
     floor = rate_se_floor([int(round(float(np.abs(v).sum())))], [v.size]) if binary else 0.0
+    if models is not None and (seeds is None or clusters is None or np.unique(np.asarray(models)).size < 2):
+        models = None
     r = clustered_mean_interval(v, seeds=seeds, clusters=clusters, confidence=confidence, bounds=bounds,
-                                se_floor=floor)
+                                se_floor=floor, models=models)
     return interval_of(r, bounds=bounds, level=confidence)
 
 
