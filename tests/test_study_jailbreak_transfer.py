@@ -164,7 +164,10 @@ def test_simulated_records_decide_both_ways():
     assert not any(v.verdict == Verdict.HOLDS for v in none)
     assert sum(v.verdict == Verdict.DOES_NOT_HOLD for v in none) >= 3
     assert all(v.ci_high <= CLAIM.threshold for v in none if v.verdict == Verdict.DOES_NOT_HOLD)
-    assert all("too little power" in v.reason for v in none if v.verdict == Verdict.INCONCLUSIVE)
+    # The rest straddle the threshold, or (an unconverged quick suffix succeeds about 0.45 on its own source) a
+    # source control that this draw could not demonstrate; each says which.
+    assert all("too little power" in v.reason or "GCG works on its source (not demonstrated" in v.reason
+               for v in none if v.verdict == Verdict.INCONCLUSIVE)
 
 
 def _sim(overrides=None, effect=0.6, seed=0):
