@@ -110,8 +110,10 @@ def test_one_training_seed_gives_no_interval_and_a_missing_asset_is_named():
     config, recs = _simulated(0.9)
     first = next(r["result"]["organism"] for r in recs if r["result"]["role"] == "treatment")
     one = [r for r in recs if r["result"]["role"] != "treatment" or r["result"]["organism"] == first]
-    v = STUDY.analyze(config, one).verdict
+    a = STUDY.analyze(config, one)
+    v = a.verdict
     assert v.verdict is Verdict.INCONCLUSIVE and v.ci_low is None and "one training seed" in v.reason
+    assert all("cell, 1 seed(s)" in t.caption for t in a.tables if t.title.startswith("The ladder"))
     config, recs = _simulated(0.9)
     assert "model" in config.assets
     for r in recs:

@@ -552,7 +552,8 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
         **{f"{CLAIM.metric}/{arm}": {**iv.to_dict(), "p_holm": decision.p_holm.get(arm)}
            for arm, iv in primary.items()},
     }
-    tables = [_grid_table(config, cells), *_ladder_tables(config, cells),
+    seeds_run = {a: int(np.unique(o["seed"].astype(str)).size) for a, o in per_asset.items()}
+    tables = [_grid_table(config, cells), *_ladder_tables(config, cells, seeds_run),
               _contrast_table(config, primary, decision, plain)]
     findings = _findings(config, cells, primary, plain, per_asset)
     arm = decision.arm
@@ -620,13 +621,15 @@ def _grid_table(config: Config, cells: dict[tuple[str, str, str], Interval]) -> 
                          "procedure given, model = the secret name said. Intervals in the ladder tables.")
 
 
-def _ladder_tables(config: Config, cells: dict[tuple[str, str, str], Interval]) -> list[Table]:
+def _ladder_tables(config: Config, cells: dict[tuple[str, str, str], Interval],
+                   seeds_run: dict[str, int]) -> list[Table]:
+    """One ladder per asset; its caption counts the seeds the records carry, not the ones the config asked for."""
     out = []
     for a in config.assets:
         rows = [[CELL_LABELS[c], *[f"{cells[(a, u, c)]:.2f}" if (a, u, c) in cells else "–" for u in config.users]]
                 for c in CELLS if any((a, u, c) in cells for u in config.users)]
         out.append(Table(title=f"The ladder: {a}", columns=["cell", *[f"{u} [95% CI]" for u in config.users]],
-                         rows=rows, caption=f"Failure rate per population and cell, {config.organism_seeds} seed(s); "
+                         rows=rows, caption=f"Failure rate per population and cell, {seeds_run.get(a, 0)} seed(s); "
                                             "cluster-robust over seeds x hazards (names)."))
     return out
 
