@@ -164,3 +164,5 @@ def test_a_third_grouping_carries_the_spread_between_models():
     assert same["se"] == pytest.approx(two["se"], rel=1e-9)
     with pytest.raises(ValueError, match="third grouping"):
         clustered_mean_interval(y, seeds=s, models=m)
+    one = clustered_mean_interval([0.0, 1.0, 0.0, 1.0], seeds=[0] * 4, clusters=[1] * 4, models=[2] * 4)
+    assert one["estimate"] == 0.5 and math.isnan(one["lo"]) and one["df"] == 0  # no interval, not a crash

@@ -196,7 +196,7 @@ def clustered_mean_interval(
                     joint = np.char.add(np.char.add(joint, "\x1f"), labels[j])
                 v, _ = _cluster_var(e, joint, n)
                 var += (-1) ** (r + 1) * (v if math.isfinite(v) else 0.0)
-        var = max(var, *(v for v in parts if math.isfinite(v)))
+        var = max([var, *(v for v in parts if math.isfinite(v))])
         df = min(dfs)
         method = f"three-way cluster-robust t over {names[0]} x {names[2]} x {names[1]}, df {df}"
     elif models is not None:
