@@ -756,8 +756,9 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
     # Primary contrast: per seed, adversary success within B minus P(harm in B natural tries).
     # A seed whose record attacked no request (a partial or edited record) has no adversary rate; it is left out
     # and named below rather than turning every mean into nan.
+    attacked = [o for o in orgs if o["attacks"]["requests"]]
     unattacked = [o["seed"] for o in orgs if not o["attacks"]["requests"]]
-    rows = [_seed_row(o) for o in orgs if o["attacks"]["requests"]]
+    rows = [_seed_row(o) for o in attacked]
     floor = rate_se_floor([round(s["successes"]) for s in rows], [s["n"] for s in rows]) if rows else 0.0
     # No spread over seeds is never a zero-width interval: the accidents' floor is the pools' own sampling error.
     acc_floor = math.sqrt(float(np.mean([s["accidents_se"] ** 2 for s in rows])) / len(rows)) if rows else 0.0
@@ -787,7 +788,7 @@ def analyze(config: Config, records: list[dict[str, Any]]) -> Analysis:
     tables = [_seed_table(rows)]
     tables += _accident_tables(config, toy, clf, orgs, metrics)
     tables += _adversary_tables(toy, clf, orgs, ctrl)
-    findings = _findings(config, [o for o in orgs if o["attacks"]["requests"]], metrics)
+    findings = _findings(config, attacked, metrics)
     if unattacked:
         findings.insert(0, f"Seed(s) {', '.join(map(str, unattacked))} attacked no request in their records; the "
                            f"contrast is over the other {len(rows)} seed(s).")
