@@ -30,8 +30,10 @@ browser:
 	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
 
+# Two workers, a test file to each in turn (module fixtures stay in one process); the
+# tiny organisms are trained once for both (tests/conftest.py).
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The CPU benchmarks; benchmarks/gpu_* need a GPU machine (README, Development).
 bench: $(STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,7 +24,10 @@ TINY_N_EVAL = 60
 
 @functools.cache
 def tiny_cache_dir() -> Path:
-    """A fresh organism cache for this test process, removed when it exits."""
+    """This test session's organism cache: the one ``conftest.py`` made for every xdist worker
+    (``$SAFETYLAB_TEST_TINY_CACHE``), else a fresh one for this process, removed when it exits."""
+    if shared := os.environ.get("SAFETYLAB_TEST_TINY_CACHE"):
+        return Path(shared)
     path = Path(tempfile.mkdtemp(prefix="safetylab-tiny-organisms-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
