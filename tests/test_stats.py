@@ -166,3 +166,15 @@ def test_a_third_grouping_carries_the_spread_between_models():
         clustered_mean_interval(y, seeds=s, models=m)
     one = clustered_mean_interval([0.0, 1.0, 0.0, 1.0], seeds=[0] * 4, clusters=[1] * 4, models=[2] * 4)
     assert one["estimate"] == 0.5 and math.isnan(one["lo"]) and one["df"] == 0  # no interval, not a crash
+
+
+def test_one_seed_gives_the_mean_without_an_interval_and_several_defer_to_the_caller():
+    from safetylab.metrics.stats import one_seed
+
+    v = np.array([1.0, 0.0, 1.0, 1.0])
+    iv = one_seed(v, ["s0"] * 4, bounds=(0.0, 1.0), why="training seed: no interval over seeds")
+    assert iv is not None and iv.estimate == 0.75 and iv.lo is None and iv.hi is None and iv.se is None
+    assert iv.method == "one training seed: no interval over seeds" and iv.n == 1
+    # seeds compare as text: 0 and "0" are one seed, 0 and 1 are two
+    assert one_seed(v, [0, "0", 0, "0"], why="seed") is not None
+    assert one_seed(v, [0, 0, 1, 1], why="seed") is None

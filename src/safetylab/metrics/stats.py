@@ -459,6 +459,17 @@ def rate_interval(values: Sequence[float] | np.ndarray, *, seeds: Sequence[Any] 
     return interval_of(r, bounds=bounds, level=confidence)
 
 
+def one_seed(values: Sequence[float] | np.ndarray, seeds: Sequence[Any] | np.ndarray, *, bounds: Bounds = None,
+             why: str) -> Interval | None:
+    """The mean with no interval when a claim's unit includes training seeds and ``seeds`` holds only one
+    (an interval over the other groupings alone would hide the seed-to-seed spread); None when there are
+    several, so the caller computes its interval. ``why`` completes "one ..." in the method, e.g. "training
+    seed: no interval over seeds (run organism_seeds >= 3)"."""
+    if np.unique(np.asarray(seeds).astype(str)).size > 1:
+        return None
+    return Interval(float(np.mean(values)), n=1, bounds=bounds, method=f"one {why}")
+
+
 def difference(a: Interval, b: Interval, *, bounds: Bounds = None, method: str = "") -> Interval:
     """``a − b`` for two independently estimated quantities (e.g. a treatment's seeds against one
     shared base's own estimate): the variances add, so the base's own error is carried; df by

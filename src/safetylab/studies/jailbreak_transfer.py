@@ -70,7 +70,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from safetylab.claims import Claim, Contrast, Control, Evidence, NotRun, ThreatModel, decide
-from safetylab.metrics.stats import Interval, format_interval, rate_interval
+from safetylab.metrics.stats import Interval, format_interval, one_seed, rate_interval
 from safetylab.study import Analysis, Calibration, Context, Figure, OrganismStudyConfig, Study, Table, Unit
 
 TARGET_KINDS: tuple[str, ...] = ("sft", "dpo", "depth-robust", "sft-small", "sft-narrow", "never-taught", "sft-late",
@@ -632,11 +632,11 @@ def _pooled(sources: list[dict[str, Any]], pairs: list[tuple[int, str]], value: 
         models.append(np.full(v.size, name))
     if not vals:
         return Interval(None, method="no (source, target) pair", bounds=bounds)
-    if len({i for i, _ in pairs}) < 2:
-        v = np.concatenate(vals)
-        return Interval(float(v.mean()), n=1, bounds=bounds,
-                        method="one source seed: no interval over source seeds (each suffix is one GCG run; run "
-                               "organism_seeds >= 3 sources)")
+    single = one_seed(np.concatenate(vals), np.concatenate(seeds), bounds=bounds,
+                      why="source seed: no interval over source seeds (each suffix is one GCG run; run "
+                          "organism_seeds >= 3 sources)")
+    if single is not None:
+        return single
     own = all(name == sources[i]["source"] for i, name in pairs)
     return rate_interval(np.concatenate(vals), seeds=np.concatenate(seeds), clusters=np.concatenate(clus),
                          bounds=bounds, models=None if own else np.concatenate(models))

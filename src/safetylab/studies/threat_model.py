@@ -61,7 +61,8 @@ from safetylab.claims import (
     ADVERSARY_TIERS, USER_POPULATIONS, AdversaryTier, Claim, Contrast, Control, Evidence, NotRun, ThreatModel,
     UserPopulation, decide,
 )
-from safetylab.metrics.stats import Interval, clustered_mean_interval, interval_of, rate_interval, rate_se_floor
+from safetylab.metrics.stats import (Interval, clustered_mean_interval, interval_of, one_seed, rate_interval,
+                                     rate_se_floor)
 from safetylab.study import Analysis, Calibration, Context, Figure, OrganismStudyConfig, Study, Table, Unit
 
 MeasuredAsset = Literal["society", "model"]
@@ -498,9 +499,10 @@ def _paired(o: dict[str, np.ndarray], cell: str, *, over_seeds: bool = False) ->
     no interval (over hazards alone it would hide the seed-to-seed spread of GCG, which breaks nothing on some
     seeds and half the requests on others)."""
     d = o[cell] - o["none"]
-    if over_seeds and np.unique(o["seed"].astype(str)).size < 2:
-        return Interval(float(d.mean()), n=1, bounds=(-1.0, 1.0),
-                        method="one training seed: no interval over seeds (run organism_seeds >= 3)")
+    single = one_seed(d, o["seed"], bounds=(-1.0, 1.0),
+                      why="training seed: no interval over seeds (run organism_seeds >= 3)") if over_seeds else None
+    if single is not None:
+        return single
     floor = math.hypot(rate_se_floor([int(o[cell].sum())], [d.size]), rate_se_floor([int(o["none"].sum())], [d.size]))
     seeds = o["seed"] if np.unique(o["seed"].astype(str)).size > 1 else None
     r = clustered_mean_interval(d, seeds=seeds, clusters=o["cluster"], bounds=(-1.0, 1.0), se_floor=floor)
