@@ -7,6 +7,7 @@ tests hold every built-in study to the same contract.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import hashlib
 import json
 import math
@@ -345,3 +346,33 @@ def test_reproduce_runs_studies_side_by_side_with_the_same_records(tmp_path):
 
     assert results(tmp_path / "lanes", "toy") == results(tmp_path / "serial", "toy")
     assert results(tmp_path / "lanes", "toy2") == results(tmp_path / "serial", "toy")
+
+
+def test_reproduce_starts_a_study_whose_organisms_are_cached_while_others_still_train(tmp_path):
+    """On a cold cache, ``reproduce`` trains organisms and runs studies in one pool: a study that needs no
+    organism takes the core that training leaves free instead of waiting for the last organism, and a study
+    that needs organisms starts only once they are in the cache."""
+    (tmp_path / "toy_org.py").write_text(
+        "import dataclasses\nfrom toy_study import STUDY as _TOY\n"
+        "from safetylab.organisms.cache import OrganismRequest\n"
+        "def organisms(config):\n"
+        "    return [OrganismRequest('sft', 'tiny', seed=0)]\n"  # and its base: two stages, one after the other
+        "STUDY = dataclasses.replace(_TOY, name='toyorg', organisms=organisms, quick_seconds=600.0)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "SAFETYLAB_STUDIES": "toy=toy_study,toyorg=toy_org", "SAFETYLAB_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "safetylab.cli", "reproduce", "--only", "toy,toyorg", "--out",
+                          str(tmp_path / "runs"), "--quiet"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    trained = {json.loads((d / "organism.json").read_text())["variant"]: (d / "organism.json").stat().st_mtime
+               for d in (tmp_path / "cache" / "organisms").iterdir() if (d / "organism.json").is_file()}
+    assert set(trained) == {"base", "sft"}
+
+    def run(name):
+        (run_dir,) = list((tmp_path / "runs" / name).iterdir())
+        return run_dir
+
+    toy, toyorg = run("toy"), run("toyorg")
+    # toy's units were all recorded while the sft was still training (its base took the first core)
+    assert (toy / "results.jsonl").stat().st_mtime < trained["sft"]
+    started = json.loads((toyorg / "env.json").read_text())["started"]  # to the second
+    assert _dt.datetime.fromisoformat(started).timestamp() >= math.floor(trained["sft"])

@@ -257,21 +257,22 @@ def reproduce_cmd(
     from safetylab.registry import get_study
     from safetylab.study import default_cache_dir
 
-    # Every study's organisms first, in one pool: studies share them through the cache,
-    # and small organisms train faster side by side than one after another.
+    # Studies share organisms through the cache; small organisms train faster side by side (one thread each)
+    # than one after another.
     planned = [(get_study(n), resolve_config(get_study(n), scale=scale.value, seed=seed)) for n in names]
     if dry_run:
         _print_plan(planned, (cache_dir or default_cache_dir()) / "organisms", scale.value, as_json)
         return
-    build_organisms(planned, cache_dir or default_cache_dir(), quiet=quiet, device=device)
     argv = ["safetylab", *sys.argv[1:]]
     human = not quiet and not as_json  # --json keeps stdout for the summary alone
     cores = os.cpu_count() or 1
     run_dirs, failed = [], []
-    if workers is None and executor == ExecutorOpt.local and device == "cpu" and cores > 1 and len(names) > 1:
+    lanes = workers is None and executor == ExecutorOpt.local and device == "cpu" and cores > 1 and len(names) > 1
+    if lanes:
         # One study per core, each with its units in series: a study's preparation, analysis and report then
-        # overlap another's units instead of idling a core. Bars would garble from several processes on one
-        # screen, so a terminal gets one line per finished study (a log still gets every stage).
+        # overlap another's units instead of idling a core. The organisms train in the same pool, first, and each
+        # study starts once its own are cached. Bars would garble from several processes on one screen, so a
+        # terminal gets the training's bar and one line per finished study (a log still gets every stage).
         from safetylab.progress import bar
         from safetylab.runs import run_studies
 
@@ -285,12 +286,15 @@ def reproduce_cmd(
 
         with bar(f"{len(names)} studies, {cores} at a time", len(names), transient=False,
                  quiet=quiet) as advance:
-            results = run_studies(names, lanes=cores, on_done=finished, scale=scale.value, seed=seed, out=out,
-                                  quiet=quiet or console.is_terminal, cache_dir=cache_dir, device=device,
-                                  argv=argv)
+            requests = {st.name: st.organisms(cfg) for st, cfg in planned if st.organisms is not None}
+            results = run_studies(names, lanes=cores, on_done=finished, organisms=requests, training_progress=not quiet,
+                                  scale=scale.value, seed=seed, out=out, quiet=quiet or console.is_terminal,
+                                  cache_dir=cache_dir, device=device, argv=argv)
         run_dirs = [rd for _, rd, _ in results]
         failed = [name for name, _, err in results if err is not None]
     else:
+        # Every study's organisms first, in one pool: studies share them through the cache.
+        build_organisms(planned, cache_dir or default_cache_dir(), quiet=quiet, device=device)
         if workers is None:
             workers = cores if executor == ExecutorOpt.local else 1
         for name in names:

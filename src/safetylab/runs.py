@@ -31,6 +31,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -423,42 +424,67 @@ def _run_in_lane(name: str, kwargs: dict[str, Any]) -> tuple[str, str | None]:
 
 def run_studies(
     names: list[str], *, lanes: int, on_done: Callable[[str, Path, str | None], None] | None = None,
-    **kwargs: Any,
+    organisms: dict[str, list[Any]] | None = None, training_progress: bool = False, **kwargs: Any,
 ) -> list[tuple[str, Path, str | None]]:
     """Run several studies ``lanes`` at a time, each in its own one-thread process with its units in series,
     the longest first (``Study.quick_seconds``). A study's serial parts (preparing, analysing, rendering the
     report) then overlap another study's units instead of leaving a core idle, as a per-study pool does.
 
+    With ``organisms`` the organisms the studies need and the cache lacks are trained in the same pool
+    (:func:`safetylab.pool.run_graph`): training comes first, a variant as soon as its base is cached, and a
+    study starts as soon as its own organisms are, so a study that needs none, or whose organisms are done,
+    takes a core that the last organisms to train would leave idle.
+
     Args:
         names: studies, in the order the results are returned.
         lanes: processes at a time (the number of cores).
         on_done: called in this process as each study finishes, with (name, run folder, failure or None).
+        organisms: each study's organism requests (``Study.organisms(config)``), to train first; None: the
+            cache already holds them (or each study trains what it lacks in its own lane).
+        training_progress: show the training's progress (a bar, or lines in a log).
         kwargs: passed to :func:`run_study` (scale, seed, out, quiet, cache_dir, device, argv).
 
     Returns:
         (name, run folder, failure message or None) per study, in ``names`` order. Bad input in any study
         (``UserError``) stops the rest and is raised here.
     """
-    import concurrent.futures as cf
-    import multiprocessing as mp
+    from contextlib import ExitStack
 
+    from safetylab.organisms.cache import missing_organisms, training_jobs, with_bases, work_shares
+    from safetylab.pool import Job, run_graph
     from safetylab.registry import get_study
 
-    order = sorted(names, key=lambda n: get_study(n).quick_seconds, reverse=True)
+    organism_dir = Path(kwargs.get("cache_dir") or default_cache_dir()) / "organisms"
+    needed = {n: (organisms or {}).get(n) or [] for n in names}
+    missing = missing_organisms([r for rs in needed.values() for r in rs], organism_dir)
+    jobs: dict[Any, Job] = {h: replace(j, rank=(1, *j.rank)) for h, j in training_jobs(
+        missing, organism_dir, threads=max(1, (os.cpu_count() or 1) // max(1, lanes)),
+        device=kwargs.get("device", "cpu")).items()}
+    for n in names:
+        needs = frozenset(with_bases([r.config() for r in needed[n]])) & missing.keys()
+        jobs[f"study:{n}"] = Job(_run_in_lane, (n, kwargs), needs=needs, rank=(0, get_study(n).quick_seconds))
+    if missing:
+        organism_dir.mkdir(parents=True, exist_ok=True)
+    share, left = work_shares(missing), set(missing)
     done: dict[str, tuple[Path, str | None]] = {}
-    with cf.ProcessPoolExecutor(max_workers=max(1, lanes), mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_in_lane, n, kwargs): n for n in order}
-        try:
-            for fut in cf.as_completed(futures):
-                name = futures[fut]
-                rd, err = fut.result()
-                done[name] = (Path(rd), err)
-                if on_done is not None:
-                    on_done(name, Path(rd), err)
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    with ExitStack() as training:
+        advance = training.enter_context(bar(
+            f"training {len(missing)} organisms (a study starts once its own are cached)", 100.0,
+            quiet=not (training_progress and missing), unit="percent of the estimated work"))
+
+        def finished(key: Any, result: Any) -> None:
+            if key in share:
+                advance(share[key])
+                left.discard(key)
+                if not left:
+                    training.close()  # the training bar ends with the last organism, not the last study
+                return
+            name, (rd, err) = key.removeprefix("study:"), result
+            done[name] = (Path(rd), err)
+            if on_done is not None:
+                on_done(name, Path(rd), err)
+
+        run_graph(jobs, lanes, on_done=finished)
     return [(n, *done[n]) for n in names]
 
 

@@ -37,6 +37,7 @@ from safetylab.organisms.train import (
     save_organism,
     train_organism,
 )
+from safetylab.pool import Job, run_graph
 
 REQUIRED_FILES: tuple[str, ...] = (
     "organism.json", "config.json", "model.safetensors", "tokenizer.json",
@@ -401,14 +402,11 @@ def build_many(
     Returns:
         The cache folder of each request, in order.
     """
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
     from safetylab.progress import bar
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_organism_dir()
     configs = [r.config() for r in requests]
-    missing = {h: c for h, c in with_bases(configs).items() if check_entry(cache_dir / h, h) is not None}
+    missing = missing_organisms(requests, cache_dir)
     cores = os.cpu_count() or 1
     workers = cores if workers is None else max(1, workers)
     if device != "cpu":
@@ -417,44 +415,42 @@ def build_many(
     if not missing:
         return [cache_dir / config_hash(c) for c in configs]
     cache_dir.mkdir(parents=True, exist_ok=True)
-
-    def waiting_on(c: OrganismConfig) -> str | None:
-        """The missing base a variant must wait for (None: it can start now)."""
-        if c.variant in FROM_SCRATCH:
-            return None
-        h = config_hash(c.base_config())
-        return h if h in missing else None
-
-    # The bar advances by each organism's share of the estimated work, in percent, so that
-    # its estimate of the time left is not thrown off by a base taking eight variants' time.
-    work = {h: training_flops(c) for h, c in missing.items()}
-    share = {h: 100.0 * w / sum(work.values()) for h, w in work.items()}
-
-    def cost(h: str) -> tuple[bool, float]:
-        """Longest first: from-scratch stages unblock their variants and take the longest."""
-        return (missing[h].variant in FROM_SCRATCH, work[h])
-
+    share = work_shares(missing)
     label = f"training {len(missing)} organisms ({n} at a time)"
     with bar(label, 100.0, quiet=quiet, unit="percent of the estimated work") as advance:
         if n == 1:  # one process with every core; bases come first
-            for h, c in sorted(missing.items(), key=lambda hc: cost(hc[0]), reverse=True):
-                build(c, cache_dir, quiet=quiet, num_threads=None if device != "cpu" else cores, device=device)
+            jobs = training_jobs(missing, cache_dir, threads=cores, device=device)
+            for h in sorted(missing, key=lambda h: jobs[h].rank, reverse=True):
+                build(missing[h], cache_dir, quiet=quiet, num_threads=None if device != "cpu" else cores, device=device)
                 advance(share[h])
             return [cache_dir / config_hash(c) for c in configs]
         # A variant starts as soon as its own base is trained, not when every base is.
-        threads = max(1, cores // n)
-        todo = dict(missing)
-        with cf.ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
-            running: dict[Any, str] = {}
-            while todo or running:
-                ready = sorted((h for h, c in todo.items() if waiting_on(c) is None),
-                               key=cost, reverse=True)
-                for h in ready[: n - len(running)]:
-                    running[pool.submit(_build_one, todo.pop(h), cache_dir, threads, device)] = h
-                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for f in done:
-                    f.result()
-                    h = running.pop(f)
-                    missing.pop(h)
-                    advance(share[h])
+        run_graph(training_jobs(missing, cache_dir, threads=max(1, cores // n), device=device), n,
+                  on_done=lambda h, _: advance(share[h]))
     return [cache_dir / config_hash(c) for c in configs]
+
+
+def missing_organisms(requests: list[OrganismRequest], cache_dir: Path) -> dict[str, OrganismConfig]:
+    """What ``requests`` need (bases included) and ``cache_dir`` does not hold a valid entry of, by hash."""
+    return {h: c for h, c in with_bases([r.config() for r in requests]).items()
+            if check_entry(Path(cache_dir) / h, h) is not None}
+
+
+def training_jobs(missing: dict[str, OrganismConfig], cache_dir: Path, *, threads: int, device: str = "cpu"
+                  ) -> dict[str, Job]:
+    """One pool job per missing organism (:func:`safetylab.pool.run_graph`), keyed by hash: a variant needs its
+    base when the base is missing too; from-scratch stages rank first (they unblock their variants), then the
+    longest (:func:`training_flops`)."""
+    def needs(c: OrganismConfig) -> frozenset[str]:
+        return frozenset() if c.variant in FROM_SCRATCH else frozenset({config_hash(c.base_config())}) & missing.keys()
+
+    return {h: Job(_build_one, (c, Path(cache_dir), threads, device), needs=needs(c),
+                   rank=(c.variant in FROM_SCRATCH, training_flops(c)))
+            for h, c in missing.items()}
+
+
+def work_shares(missing: dict[str, OrganismConfig]) -> dict[str, float]:
+    """Each organism's share of the estimated training work, in percent: a progress bar advanced by these
+    keeps an honest estimate of the time left when a base takes eight variants' time."""
+    work = {h: training_flops(c) for h, c in missing.items()}
+    return {h: 100.0 * w / sum(work.values()) for h, w in work.items()}
