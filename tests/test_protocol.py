@@ -7,7 +7,6 @@ tests hold every built-in study to the same contract.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import hashlib
 import json
 import math
@@ -348,6 +347,7 @@ def test_reproduce_runs_studies_side_by_side_with_the_same_records(tmp_path):
     assert results(tmp_path / "lanes", "toy2") == results(tmp_path / "serial", "toy")
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="reproduce runs studies side by side only with 2 cores or more")
 def test_reproduce_starts_a_study_whose_organisms_are_cached_while_others_still_train(tmp_path):
     """On a cold cache, ``reproduce`` trains organisms and runs studies in one pool: a study that needs no
     organism takes the core that training leaves free instead of waiting for the last organism, and a study
@@ -371,8 +371,7 @@ def test_reproduce_starts_a_study_whose_organisms_are_cached_while_others_still_
         (run_dir,) = list((tmp_path / "runs" / name).iterdir())
         return run_dir
 
-    toy, toyorg = run("toy"), run("toyorg")
-    # toy's units were all recorded while the sft was still training (its base took the first core)
-    assert (toy / "results.jsonl").stat().st_mtime < trained["sft"]
-    started = json.loads((toyorg / "env.json").read_text())["started"]  # to the second
-    assert _dt.datetime.fromisoformat(started).timestamp() >= math.floor(trained["sft"])
+    # toy's units were all recorded while the sft was still training (its base took the first core); that
+    # toyorg waited for its organisms is tests/test_pool.py's (its lane would train them itself otherwise)
+    assert (run("toy") / "results.jsonl").stat().st_mtime < trained["sft"]
+    assert json.loads((run("toyorg") / "summary.json").read_text())["verdict"]["verdict"] == "holds"

@@ -361,8 +361,9 @@ def _print_plan(planned: list[tuple[Any, Any]], organism_dir: Path, scale: str, 
         console.print(f"  {s['study']}: {s['organisms']} organisms, {s['to_train']} to train")
     unmeasured = "at this scale" if scale != "quick" else "for a changed config"
     studies_line = (f"Study time is not estimated {unmeasured}." if study_seconds is None else
-                    f"The studies then take about {duration(study_seconds)} of one core on the reference "
-                    f"machine (their measured quick runs), about {duration(study_seconds / cores)} on {cores} cores.")
+                    f"The studies take about {duration(study_seconds)} of one core on the reference machine (their "
+                    f"measured quick runs), about {duration(study_seconds / cores)} on {cores} cores; reproduce starts "
+                    f"each once its own organisms are cached.")
     console.print(
         f"To train: {len(todo)} of {len(rows)} organisms, {duration(left)} of one CPU core like the reference "
         f"machine's ({CPU_FLOPS_PER_S / 1e9:.0f} GFLOP/s), about {duration(left / cores)} on this machine's "

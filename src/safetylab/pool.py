@@ -28,20 +28,25 @@ class Job:
 
 
 def run_graph(jobs: dict[Hashable, Job], workers: int,
-              on_done: Callable[[Hashable, Any], None] | None = None) -> dict[Hashable, Any]:
+              on_done: Callable[[Hashable, Any], None] | None = None,
+              on_error: Callable[[Hashable, BaseException, int], None] | None = None) -> dict[Hashable, Any]:
     """Run every job once, each after the jobs it needs, ``workers`` at a time.
+
+    When a job raises, no further job starts; the ones already running finish (their work is not lost,
+    and ``on_done`` still hears of each), and then the first error is raised.
 
     Args:
         jobs: the jobs by key.
         workers: processes at a time (at least 1).
         on_done: called in this process with (key, result) as each job finishes.
+        on_error: called at once with (key, error, jobs still running) when a job raises, before the wait.
 
     Returns:
         Each job's result by key.
 
     Raises:
         ValueError: some jobs can never start (they need each other).
-        Whatever a job raised: the jobs not yet started are cancelled, the running ones finish first.
+        The first error a job raised.
     """
     waiting = {k: j.needs & jobs.keys() for k, j in jobs.items()}
     blocked = _unreachable(waiting)
@@ -50,25 +55,35 @@ def run_graph(jobs: dict[Hashable, Job], workers: int,
     results: dict[Hashable, Any] = {}
     todo = dict(jobs)
     running: dict[cf.Future[Any], Hashable] = {}
+    error: BaseException | None = None
     with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn")) as pool:
-        try:
-            while todo or running:
+        while (todo and error is None) or running:
+            if error is None:
                 unfinished = todo.keys() | set(running.values())
                 ready = sorted((k for k in todo if not waiting[k] & unfinished), key=lambda k: todo[k].rank,
                                reverse=True)
                 for k in ready[: max(1, workers) - len(running)]:
                     job = todo.pop(k)
                     running[pool.submit(job.fn, *job.args)] = k
+            try:
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for f in done:
-                    k = running.pop(f)
-                    results[k] = f.result()
-                    if on_done is not None:
-                        on_done(k, results[k])
-        except BaseException:
-            for f in running:
-                f.cancel()
-            raise
+            except BaseException:  # Ctrl-C while waiting: leave now (the workers got the signal too)
+                for f in running:
+                    f.cancel()
+                raise
+            for f in done:
+                k = running.pop(f)
+                exc = f.exception()
+                if exc is not None:
+                    if on_error is not None:
+                        on_error(k, exc, len(running))
+                    error = error or exc
+                    continue
+                results[k] = f.result()
+                if on_done is not None:
+                    on_done(k, results[k])
+    if error is not None:
+        raise error
     return results
 
 

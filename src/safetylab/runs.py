@@ -433,7 +433,8 @@ def run_studies(
     With ``organisms`` the organisms the studies need and the cache lacks are trained in the same pool
     (:func:`safetylab.pool.run_graph`): training comes first, a variant as soon as its base is cached, and a
     study starts as soon as its own organisms are, so a study that needs none, or whose organisms are done,
-    takes a core that the last organisms to train would leave idle.
+    takes a core that the last organisms to train would leave idle. With fewer organisms to train than lanes they
+    train first instead (:func:`safetylab.organisms.cache.build_many`, each on its share of the cores).
 
     Args:
         names: studies, in the order the results are returned.
@@ -450,19 +451,20 @@ def run_studies(
     """
     from contextlib import ExitStack
 
-    from safetylab.organisms.cache import missing_organisms, training_jobs, with_bases, work_shares
-    from safetylab.pool import Job, run_graph
-    from safetylab.registry import get_study
+    from safetylab.organisms.cache import build_many, work_shares
+    from safetylab.pool import run_graph
 
     organism_dir = Path(kwargs.get("cache_dir") or default_cache_dir()) / "organisms"
     needed = {n: (organisms or {}).get(n) or [] for n in names}
-    missing = missing_organisms([r for rs in needed.values() for r in rs], organism_dir)
-    jobs: dict[Any, Job] = {h: replace(j, rank=(1, *j.rank)) for h, j in training_jobs(
-        missing, organism_dir, threads=max(1, (os.cpu_count() or 1) // max(1, lanes)),
-        device=kwargs.get("device", "cpu")).items()}
-    for n in names:
-        needs = frozenset(with_bases([r.config() for r in needed[n]])) & missing.keys()
-        jobs[f"study:{n}"] = Job(_run_in_lane, (n, kwargs), needs=needs, rank=(0, get_study(n).quick_seconds))
+    device = kwargs.get("device", "cpu")
+    jobs, missing = study_graph(names, needed, organism_dir, lanes=lanes, device=device, kwargs=kwargs)
+    if missing and len(missing) < lanes:
+        # Fewer organisms than cores: in the pool a lone base and its variants would train on one thread each
+        # while the studies, waiting on them, leave the other cores idle; build_many gives each its share of
+        # the cores instead.
+        build_many([r for rs in needed.values() for r in rs], organism_dir, workers=lanes,
+                   quiet=not training_progress, device=device)
+        jobs, missing = study_graph(names, needed, organism_dir, lanes=lanes, device=device, kwargs=kwargs)
     if missing:
         organism_dir.mkdir(parents=True, exist_ok=True)
     share, left = work_shares(missing), set(missing)
@@ -484,8 +486,34 @@ def run_studies(
             if on_done is not None:
                 on_done(name, Path(rd), err)
 
-        run_graph(jobs, lanes, on_done=finished)
+        def failed(key: Any, exc: BaseException, still_running: int) -> None:
+            what = key.removeprefix("study:") if key not in share else f"training organism {key}"
+            print(f"safetylab: {what} failed ({type(exc).__name__}: {exc}); no further job starts"
+                  + (f", {still_running} running finish first" if still_running else ""), file=sys.stderr)
+
+        run_graph(jobs, lanes, on_done=finished, on_error=failed)
     return [(n, *done[n]) for n in names]
+
+
+def study_graph(names: list[str], needed: dict[str, list[Any]], organism_dir: Path, *, lanes: int,
+                device: str = "cpu", kwargs: dict[str, Any] | None = None) -> tuple[dict[Any, Any], dict[str, Any]]:
+    """The pool jobs of :func:`run_studies` and the organisms missing from ``organism_dir``: one job per missing
+    organism (keyed by hash, ranked above every study; a variant needs its base when that is missing too), and
+    one per study (``"study:<name>"``, ranked by ``quick_seconds``) needing its own missing organisms and their
+    bases. ``needed``: each study's organism requests."""
+    from safetylab.organisms.cache import missing_organisms, training_jobs, with_bases
+    from safetylab.pool import Job
+    from safetylab.registry import get_study
+
+    missing = missing_organisms([r for rs in needed.values() for r in rs], organism_dir)
+    threads = max(1, (os.cpu_count() or 1) // max(1, lanes))
+    jobs: dict[Any, Job] = {h: replace(j, rank=(1, *j.rank))
+                            for h, j in training_jobs(missing, organism_dir, threads=threads, device=device).items()}
+    for n in names:
+        needs = frozenset(with_bases([r.config() for r in needed.get(n, [])])) & missing.keys()
+        jobs[f"study:{n}"] = Job(_run_in_lane, (n, kwargs or {}), needs=frozenset(needs),
+                                 rank=(0, get_study(n).quick_seconds))
+    return jobs, missing
 
 
 class UnitsFailed(Exception):

@@ -442,7 +442,7 @@ def training_jobs(missing: dict[str, OrganismConfig], cache_dir: Path, *, thread
     base when the base is missing too; from-scratch stages rank first (they unblock their variants), then the
     longest (:func:`training_flops`)."""
     def needs(c: OrganismConfig) -> frozenset[str]:
-        return frozenset() if c.variant in FROM_SCRATCH else frozenset({config_hash(c.base_config())}) & missing.keys()
+        return frozenset() if c.variant in FROM_SCRATCH else frozenset({config_hash(c.base_config())} & missing.keys())
 
     return {h: Job(_build_one, (c, Path(cache_dir), threads, device), needs=needs(c),
                    rank=(c.variant in FROM_SCRATCH, training_flops(c)))
