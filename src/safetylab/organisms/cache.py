@@ -419,8 +419,7 @@ def build_many(
     label = f"training {len(missing)} organisms ({n} at a time)"
     with bar(label, 100.0, quiet=quiet, unit="percent of the estimated work") as advance:
         if n == 1:  # one process with every core; bases come first
-            jobs = training_jobs(missing, cache_dir, threads=cores, device=device)
-            for h in sorted(missing, key=lambda h: jobs[h].rank, reverse=True):
+            for h in sorted(missing, key=lambda h: training_rank(missing[h]), reverse=True):
                 build(missing[h], cache_dir, quiet=quiet, num_threads=None if device != "cpu" else cores, device=device)
                 advance(share[h])
             return [cache_dir / config_hash(c) for c in configs]
@@ -439,14 +438,18 @@ def missing_organisms(requests: list[OrganismRequest], cache_dir: Path) -> dict[
 def training_jobs(missing: dict[str, OrganismConfig], cache_dir: Path, *, threads: int, device: str = "cpu"
                   ) -> dict[str, Job]:
     """One pool job per missing organism (:func:`safetylab.pool.run_graph`), keyed by hash: a variant needs its
-    base when the base is missing too; from-scratch stages rank first (they unblock their variants), then the
-    longest (:func:`training_flops`)."""
+    base when the base is missing too; ranked by :func:`training_rank`."""
     def needs(c: OrganismConfig) -> frozenset[str]:
         return frozenset() if c.variant in FROM_SCRATCH else frozenset({config_hash(c.base_config())} & missing.keys())
 
-    return {h: Job(_build_one, (c, Path(cache_dir), threads, device), needs=needs(c),
-                   rank=(c.variant in FROM_SCRATCH, training_flops(c)))
+    return {h: Job(_build_one, (c, Path(cache_dir), threads, device), needs=needs(c), rank=training_rank(c))
             for h, c in missing.items()}
+
+
+def training_rank(config: OrganismConfig) -> tuple[bool, float]:
+    """Which missing organism trains first (higher first): from-scratch stages, which unblock their variants,
+    then the longest (:func:`training_flops`)."""
+    return (config.variant in FROM_SCRATCH, training_flops(config))
 
 
 def work_shares(missing: dict[str, OrganismConfig]) -> dict[str, float]:
